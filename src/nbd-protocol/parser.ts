@@ -1,0 +1,307 @@
+// Incremental parsers for both directions of an NBD connection.
+//
+// Input may be split at any byte. Each parser keeps a cursor over the bytes
+// carried over from earlier chunks and emits whole messages. Large payloads
+// (WRITE data, structured data chunks) are handed out as views when they
+// arrived whole, else assembled once into a buffer of exactly their size.
+// Payloads over the limit are skipped without allocating.
+//
+// States: a parser is in one phase at a time, chosen by the caller because
+// the phase depends on what the caller answered (a GO can fail and leave the
+// connection in option haggling). After a protocolError the parser is dead
+// and ignores further input: the caller closes the connection.
+
+import {
+  Command,
+  MAX_OPTION_LENGTH,
+  MAX_PAYLOAD,
+  NBD_IHAVEOPT,
+  NBD_MAGIC,
+  NBD_OPTION_REPLY_MAGIC,
+  NBD_REQUEST_MAGIC,
+  NBD_SIMPLE_REPLY_MAGIC,
+  NBD_STRUCTURED_REPLY_MAGIC,
+  WireSize,
+} from './constants';
+import type { ClientMessage, ServerMessage } from './messages';
+
+const TWO_32 = 4294967296;
+
+/** Reads a 64-bit big-endian unsigned as a number (exact below 2^53). */
+export function readU64(buf: Buffer, at: number): number {
+  return buf.readUInt32BE(at) * TWO_32 + buf.readUInt32BE(at + 4);
+}
+
+interface PayloadCollector<M> {
+  /** Destination, or null when the bytes are being skipped. */
+  target: Buffer | null;
+  filled: number;
+  need: number;
+  finish: (payload: Buffer | null) => M;
+}
+
+abstract class IncrementalParser<M extends { type: string }> {
+  private carry: Buffer | null = null;
+  private collector: PayloadCollector<M> | null = null;
+  protected dead = false;
+
+  get isDead(): boolean {
+    return this.dead;
+  }
+
+  /** Bytes held waiting for the rest of a message (for memory accounting). */
+  get bufferedBytes(): number {
+    return (this.carry?.length ?? 0) + (this.collector?.target ? this.collector.filled : 0);
+  }
+
+  /** Feed bytes; `emit` is called once per complete message, in order. */
+  push(chunk: Buffer, emit: (msg: M) => void): void {
+    if (this.dead) return;
+    let buf = chunk;
+    if (this.carry) {
+      buf = Buffer.concat([this.carry, chunk]);
+      this.carry = null;
+    }
+    let pos = 0;
+    while (pos < buf.length && !this.dead) {
+      const c = this.collector;
+      if (c) {
+        const n = Math.min(c.need - c.filled, buf.length - pos);
+        if (c.target) buf.copy(c.target, c.filled, pos, pos + n);
+        c.filled += n;
+        pos += n;
+        if (c.filled === c.need) {
+          this.collector = null;
+          emit(c.finish(c.target));
+        }
+        continue;
+      }
+      const used = this.parseOne(buf, pos, emit);
+      if (used === 0) break;
+      pos += used;
+    }
+    if (pos < buf.length && !this.dead) this.carry = buf.subarray(pos);
+  }
+
+  /**
+   * Parse one message at buf[pos]. Returns the bytes consumed, or 0 when more
+   * input is needed. May start payload collection via `collectPayload`.
+   */
+  protected abstract parseOne(buf: Buffer, pos: number, emit: (msg: M) => void): number;
+
+  /**
+   * The header at buf[pos..pos+headerLen) announces `payloadLen` bytes after
+   * it. If they are all here, finish with a view; otherwise collect them
+   * (or skip them when `keep` is false). Returns bytes consumed.
+   */
+  protected takePayload(
+    buf: Buffer,
+    pos: number,
+    headerLen: number,
+    payloadLen: number,
+    keep: boolean,
+    emit: (msg: M) => void,
+    finish: (payload: Buffer | null) => M,
+  ): number {
+    const start = pos + headerLen;
+    const avail = buf.length - start;
+    if (avail >= payloadLen) {
+      emit(finish(keep ? buf.subarray(start, start + payloadLen) : null));
+      return headerLen + payloadLen;
+    }
+    this.collector = {
+      target: keep ? Buffer.allocUnsafe(payloadLen) : null,
+      filled: 0,
+      need: payloadLen,
+      finish,
+    };
+    return headerLen;
+  }
+
+  protected fail(emit: (msg: M) => void, message: string): number {
+    this.dead = true;
+    this.carry = null;
+    this.collector = null;
+    emit({ type: 'protocolError', message } as unknown as M);
+    return 0;
+  }
+}
+
+export type ServerParsePhase = 'clientFlags' | 'options' | 'transmission';
+
+export interface ClientStreamParserOptions {
+  /** Largest WRITE payload to accept; larger ones are skipped. */
+  maxPayload?: number;
+  /** Largest option payload to buffer; larger ones are skipped. */
+  maxOptionLength?: number;
+}
+
+/** Parses the client-to-server byte stream (used by servers). */
+export class ClientStreamParser extends IncrementalParser<ClientMessage> {
+  phase: ServerParsePhase = 'clientFlags';
+  readonly maxPayload: number;
+  readonly maxOptionLength: number;
+
+  constructor(opts: ClientStreamParserOptions = {}) {
+    super();
+    this.maxPayload = opts.maxPayload ?? MAX_PAYLOAD;
+    this.maxOptionLength = opts.maxOptionLength ?? MAX_OPTION_LENGTH;
+  }
+
+  protected parseOne(buf: Buffer, pos: number, emit: (msg: ClientMessage) => void): number {
+    const avail = buf.length - pos;
+    switch (this.phase) {
+      case 'clientFlags': {
+        if (avail < WireSize.ClientFlags) return 0;
+        // Options follow immediately; the caller may switch back if it must.
+        this.phase = 'options';
+        emit({ type: 'clientFlags', flags: buf.readUInt32BE(pos) });
+        return WireSize.ClientFlags;
+      }
+      case 'options': {
+        if (avail < WireSize.OptionHeader) return 0;
+        if (buf.readBigUInt64BE(pos) !== NBD_IHAVEOPT) {
+          return this.fail(emit, 'bad option magic (expected IHAVEOPT)');
+        }
+        const option = buf.readUInt32BE(pos + 8);
+        const length = buf.readUInt32BE(pos + 12);
+        const keep = length <= this.maxOptionLength;
+        return this.takePayload(buf, pos, WireSize.OptionHeader, length, keep, emit, (data) =>
+          data ? { type: 'option', option, data } : { type: 'optionTooLarge', option, length },
+        );
+      }
+      case 'transmission': {
+        if (avail < WireSize.RequestHeader) return 0;
+        const magic = buf.readUInt32BE(pos);
+        if (magic !== NBD_REQUEST_MAGIC) {
+          return this.fail(emit, `bad request magic 0x${magic.toString(16)}`);
+        }
+        const flags = buf.readUInt16BE(pos + 4);
+        const command = buf.readUInt16BE(pos + 6);
+        const cookie = buf.readBigUInt64BE(pos + 8);
+        const offset = readU64(buf, pos + 16);
+        const length = buf.readUInt32BE(pos + 24);
+        if (command !== Command.Write) {
+          emit({ type: 'request', flags, command, cookie, offset, length, payload: null, payloadSkipped: false });
+          return WireSize.RequestHeader;
+        }
+        const keep = length <= this.maxPayload;
+        return this.takePayload(buf, pos, WireSize.RequestHeader, length, keep, emit, (payload) => ({
+          type: 'request',
+          flags,
+          command,
+          cookie,
+          offset,
+          length,
+          payload,
+          payloadSkipped: !keep,
+        }));
+      }
+    }
+  }
+}
+
+export type ClientParsePhase = 'greeting' | 'options' | 'exportNameReply' | 'transmission';
+
+export interface ServerStreamParserOptions {
+  maxPayload?: number;
+  maxOptionLength?: number;
+  /**
+   * For simple replies: how many data bytes follow a successful reply to
+   * this cookie (the READ length), or 0. Simple replies do not say.
+   */
+  readLengthOf?: (cookie: bigint) => number;
+}
+
+/** Parses the server-to-client byte stream (used by clients). */
+export class ServerStreamParser extends IncrementalParser<ServerMessage> {
+  phase: ClientParsePhase = 'greeting';
+  /** Set when the client negotiated NO_ZEROES (affects the EXPORT_NAME reply). */
+  noZeroes = false;
+  readonly maxPayload: number;
+  readonly maxOptionLength: number;
+  private readonly readLengthOf: (cookie: bigint) => number;
+
+  constructor(opts: ServerStreamParserOptions = {}) {
+    super();
+    this.maxPayload = opts.maxPayload ?? MAX_PAYLOAD;
+    this.maxOptionLength = opts.maxOptionLength ?? MAX_OPTION_LENGTH;
+    this.readLengthOf = opts.readLengthOf ?? (() => 0);
+  }
+
+  protected parseOne(buf: Buffer, pos: number, emit: (msg: ServerMessage) => void): number {
+    const avail = buf.length - pos;
+    switch (this.phase) {
+      case 'greeting': {
+        if (avail < WireSize.Greeting) return 0;
+        if (buf.readBigUInt64BE(pos) !== NBD_MAGIC) return this.fail(emit, 'not an NBD server (bad magic)');
+        if (buf.readBigUInt64BE(pos + 8) !== NBD_IHAVEOPT) {
+          return this.fail(emit, 'server does not speak newstyle NBD');
+        }
+        this.phase = 'options';
+        emit({ type: 'greeting', flags: buf.readUInt16BE(pos + 16) });
+        return WireSize.Greeting;
+      }
+      case 'options': {
+        if (avail < WireSize.OptionReplyHeader) return 0;
+        if (buf.readBigUInt64BE(pos) !== NBD_OPTION_REPLY_MAGIC) {
+          return this.fail(emit, 'bad option reply magic');
+        }
+        const option = buf.readUInt32BE(pos + 8);
+        const replyType = buf.readUInt32BE(pos + 12);
+        const length = buf.readUInt32BE(pos + 16);
+        if (length > this.maxOptionLength) return this.fail(emit, `option reply too large (${length} bytes)`);
+        return this.takePayload(buf, pos, WireSize.OptionReplyHeader, length, true, emit, (data) => ({
+          type: 'optionReply',
+          option,
+          replyType,
+          data: data as Buffer,
+        }));
+      }
+      case 'exportNameReply': {
+        const need = WireSize.ExportNameReply + (this.noZeroes ? 0 : WireSize.ExportNameZeroPad);
+        if (avail < need) return 0;
+        this.phase = 'transmission';
+        emit({ type: 'exportNameReply', size: readU64(buf, pos), flags: buf.readUInt16BE(pos + 8) });
+        return need;
+      }
+      case 'transmission': {
+        if (avail < 4) return 0;
+        const magic = buf.readUInt32BE(pos);
+        if (magic === NBD_SIMPLE_REPLY_MAGIC) {
+          if (avail < WireSize.SimpleReplyHeader) return 0;
+          const error = buf.readUInt32BE(pos + 4);
+          const cookie = buf.readBigUInt64BE(pos + 8);
+          const dataLen = error === 0 ? this.readLengthOf(cookie) : 0;
+          if (dataLen === 0) {
+            emit({ type: 'simpleReply', cookie, error, data: null });
+            return WireSize.SimpleReplyHeader;
+          }
+          return this.takePayload(buf, pos, WireSize.SimpleReplyHeader, dataLen, true, emit, (data) => ({
+            type: 'simpleReply',
+            cookie,
+            error,
+            data,
+          }));
+        }
+        if (magic === NBD_STRUCTURED_REPLY_MAGIC) {
+          if (avail < WireSize.StructuredReplyHeader) return 0;
+          const flags = buf.readUInt16BE(pos + 4);
+          const chunkType = buf.readUInt16BE(pos + 6);
+          const cookie = buf.readBigUInt64BE(pos + 8);
+          const length = buf.readUInt32BE(pos + 16);
+          // Data chunks carry an 8-byte offset before the data.
+          if (length > this.maxPayload + 8) return this.fail(emit, `reply chunk too large (${length} bytes)`);
+          return this.takePayload(buf, pos, WireSize.StructuredReplyHeader, length, true, emit, (payload) => ({
+            type: 'structuredChunk',
+            cookie,
+            flags,
+            chunkType,
+            payload: payload as Buffer,
+          }));
+        }
+        return this.fail(emit, `bad reply magic 0x${magic.toString(16)}`);
+      }
+    }
+  }
+}
