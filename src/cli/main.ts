@@ -1,0 +1,37 @@
+// Entry point: `nbd-cbw COMMAND [options]`.
+
+import { Command, CommanderError } from 'commander';
+import { registerServe } from './serve';
+import { die, errorMessage } from './log';
+
+export const VERSION: string = (() => {
+  try {
+    return (require('../../package.json') as { version: string }).version;
+  } catch {
+    return 'unknown';
+  }
+})();
+
+export function buildProgram(): Command {
+  const program = new Command('nbd-cbw');
+  program
+    .version(VERSION)
+    .description(
+      'A live-backup NBD proxy. It sits between a VM and its disk export, and while a\n' +
+        'backup runs it saves the old content of clusters the guest overwrites into a RAM\n' +
+        'buffer (copy-before-write), streaming them to a slow backup target. The target\n' +
+        'ends up holding the disk exactly as it was when the backup started.',
+    )
+    .showHelpAfterError('(run with --help for usage)')
+    .exitOverride();
+  registerServe(program);
+  return program;
+}
+
+export function main(argv: string[]): void {
+  const program = buildProgram();
+  program.parseAsync(argv, { from: 'user' }).catch((e: unknown) => {
+    if (e instanceof CommanderError) process.exit(e.exitCode);
+    die(errorMessage(e));
+  });
+}

@@ -1,0 +1,186 @@
+// `nbd-cbw serve`: export a source over NBD, nbdkit-style command line.
+
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import type { Command } from 'commander';
+import { NbdServer, type ListenAddress } from '../server/server';
+import type { ExportSpec } from '../server/connection';
+import { openDevice } from '../device/open';
+import type { BlockDevice } from '../device/types';
+import { formatNbdUri } from '../client/uri';
+import { backgroundSelf, exitWithParent, runCaptive, signalReady, writePidFile } from './daemon';
+import { debug, die, errorMessage, info, setVerbose } from './log';
+import { formatSize } from './sizes';
+
+export interface ListenOptions {
+  unix?: string;
+  port?: string;
+  ipaddr?: string;
+  exportName: string;
+  foreground?: boolean;
+  verbose?: boolean;
+  pidfile?: string;
+  exitWithParent?: boolean;
+  run?: string;
+  maxConnections?: string;
+}
+
+/** Options every serving command shares (serve, serve-backup). */
+export function addListenOptions(cmd: Command): Command {
+  return cmd
+    .option('-U, --unix <SOCKET>', 'listen on a unix socket; "-" makes a private one (for --run)')
+    .option('-p, --port <PORT>', 'listen on a TCP port (default 10809 when -U is not given)')
+    .option('-i, --ipaddr <ADDR>', 'listen on this address only (default: all)')
+    .option('-e, --export-name <NAME>', 'export name (clients may also ask for "")', 'disk')
+    .option('-f, --foreground', 'stay in the foreground (default: detach once accepting, like nbdkit)')
+    .option('-v, --verbose', 'log every connection and error to stderr')
+    .option('-P, --pidfile <FILE>', 'write the pid here once accepting connections')
+    .option('--exit-with-parent', 'exit when the parent process exits')
+    .option('--run <CMD>', 'captive mode: run CMD with $uri, $nbd, $unixsocket, $port, $exportname set; exit with its status when it ends')
+    .option('--max-connections <N>', 'refuse connections beyond this many', '256');
+}
+
+export interface RunningServer {
+  server: NbdServer;
+  uri: string;
+  address: ListenAddress;
+}
+
+/**
+ * Listen, write the pidfile, then either run the captive command or wait
+ * for a signal. `onStarted` runs once accepting (for --backup-to and the
+ * control API); `cleanup` runs at exit.
+ */
+export async function runServer(
+  opts: ListenOptions,
+  exportSpec: ExportSpec,
+  hooks: {
+    onStarted?: (r: RunningServer) => Promise<Record<string, string> | void>;
+    cleanup?: () => Promise<void>;
+  } = {},
+): Promise<never> {
+  setVerbose(!!opts.verbose);
+  const captive = opts.run !== undefined;
+  let privateDir: string | null = null;
+  const address: ListenAddress = {};
+  if (opts.unix === '-') {
+    privateDir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-cbw-'));
+    address.socketPath = path.join(privateDir, 'socket');
+  } else if (opts.unix) {
+    address.socketPath = path.resolve(opts.unix);
+  } else {
+    address.port = opts.port !== undefined ? parsePort(opts.port) : 10809;
+    address.host = opts.ipaddr ?? '0.0.0.0';
+  }
+  const server = new NbdServer({
+    exports: [exportSpec],
+    maxConnections: Number(opts.maxConnections ?? 256),
+    log: opts.verbose ? (m) => debug(m) : undefined,
+  });
+  let bound;
+  try {
+    bound = await server.listen(address);
+  } catch (e) {
+    const where = address.socketPath ?? `${address.host}:${address.port}`;
+    die(`cannot listen on ${where}: ${errorMessage(e)}`);
+  }
+  if (typeof bound !== 'string') address.port = bound.port;
+  const uri = formatNbdUri({
+    socketPath: address.socketPath,
+    host: address.host === '0.0.0.0' || address.host === '::' ? 'localhost' : address.host,
+    port: address.port,
+    exportName: exportSpec.name,
+  });
+
+  let exiting = false;
+  const shutdown = async (code: number) => {
+    if (exiting) return;
+    exiting = true;
+    await server.close();
+    await hooks.cleanup?.().catch((e) => info(`cleanup: ${errorMessage(e)}`));
+    await exportSpec.device.close().catch(() => undefined);
+    if (address.socketPath) fs.rmSync(address.socketPath, { force: true });
+    if (privateDir) fs.rmSync(privateDir, { recursive: true, force: true });
+    if (opts.pidfile) fs.rmSync(opts.pidfile, { force: true });
+    process.exit(code);
+  };
+  process.on('SIGTERM', () => void shutdown(0));
+  process.on('SIGINT', () => void shutdown(0));
+  process.on('SIGHUP', () => void shutdown(0));
+  if (opts.exitWithParent) exitWithParent(() => void shutdown(0));
+
+  let extraEnv: Record<string, string> = {};
+  try {
+    extraEnv = (await hooks.onStarted?.({ server, uri, address })) ?? {};
+  } catch (e) {
+    info(errorMessage(e));
+    await shutdown(1);
+  }
+  if (opts.pidfile) writePidFile(opts.pidfile);
+  debug(`serving ${exportSpec.description ?? exportSpec.name} at ${uri}`);
+  signalReady();
+
+  if (captive) {
+    const status = await runCaptive(opts.run as string, {
+      uri,
+      socketPath: address.socketPath,
+      port: address.socketPath ? undefined : address.port,
+      exportName: exportSpec.name,
+      extra: extraEnv,
+    });
+    await shutdown(status);
+  }
+  return new Promise<never>(() => undefined);
+}
+
+function parsePort(text: string): number {
+  const n = Number(text);
+  if (!Number.isInteger(n) || n < 0 || n > 65535) die(`bad port "${text}": expected 0-65535`);
+  return n;
+}
+
+export interface ServeOptions extends ListenOptions {
+  source?: string;
+  readonly?: boolean;
+}
+
+export function registerServe(program: Command): void {
+  const cmd = program
+    .command('serve')
+    .summary('export a disk over NBD, pass-through')
+    .description(
+      'Export SOURCE over NBD. Every request is forwarded to the source; a write is\n' +
+        'acknowledged only after the source acknowledged it. Only what the source can\n' +
+        'do is advertised (trim, zero, fua, flush, cache, block status).',
+    )
+    .option('-s, --source <SOURCE>', 'the disk: file:PATH, nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH')
+    .option('-r, --readonly', 'export read-only');
+  addListenOptions(cmd);
+  cmd.addHelpText(
+    'after',
+    '\nExamples:\n' +
+      '  nbd-cbw serve --source file:disk.raw -U /run/disk.sock -f\n' +
+      '  nbd-cbw serve --source nbd+unix:///disk?socket=/run/qemu-nbd.sock -U - --run \'qemu-img info "$uri"\'\n' +
+      '  qemu-system-x86_64 -drive driver=nbd,server.type=unix,server.path=/run/disk.sock,export=disk,cache=none\n',
+  );
+  cmd.action(async (opts: ServeOptions) => {
+    const exportSpec = await prepareServe(opts);
+    await runServer(opts, exportSpec);
+  });
+}
+
+/** Validate the options and open the source (shared by serve and its backup mode). */
+export async function prepareServe(opts: ServeOptions): Promise<ExportSpec> {
+  if (!opts.source) die('serve needs --source (file:PATH, nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)');
+  if (opts.unix === '-' && opts.run === undefined) die('-U - (a private socket) only makes sense with --run');
+  if (!opts.foreground && opts.run === undefined) await backgroundSelf();
+  let device: BlockDevice;
+  try {
+    device = await openDevice(opts.source, { readOnly: !!opts.readonly });
+  } catch (e) {
+    die(errorMessage(e));
+  }
+  debug(`source ${opts.source}: ${formatSize(device.size)}`);
+  return { name: opts.exportName, description: device.description, device };
+}

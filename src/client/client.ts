@@ -1,0 +1,453 @@
+// An NBD client: fixed-newstyle handshake (structured replies, base:allocation,
+// GO with a fallback to EXPORT_NAME), then pipelined requests with a bounded
+// queue depth. Used for NBD sources and NBD backup targets.
+//
+// States: connecting -> handshaking -> ready -> closed. In `ready`, each
+// request holds a cookie until its final reply (a simple reply, or a
+// structured chunk with DONE); when the socket dies every pending request
+// fails with EIO and new ones fail at once.
+
+import net from 'node:net';
+import { EventEmitter } from 'node:events';
+import {
+  BASE_ALLOCATION,
+  ClientFlag,
+  Command,
+  CommandFlag,
+  HandshakeFlag,
+  InfoType,
+  MAX_PAYLOAD,
+  NBD_REP_ERR_BIT,
+  NbdError,
+  Option,
+  OptionReply,
+  ReplyFlag,
+  ReplyType,
+  ServerStreamParser,
+  build,
+  decodeBlockStatus,
+  decodeErrorChunk,
+  decodeInfoReply,
+  decodeMetaContextReply,
+  decodeOffsetData,
+  decodeOffsetHole,
+  errorName,
+  isErrorChunk,
+  type BlockSizeInfo,
+  type Extent,
+  type ServerMessage,
+} from '../nbd-protocol';
+import { DeviceError } from '../device/types';
+import type { NbdAddress } from './uri';
+import { formatNbdUri } from './uri';
+
+export interface NbdClientOptions {
+  /** Requests on the wire at once (qemu uses 16). */
+  maxInFlight?: number;
+  /** Negotiate structured replies (default true). */
+  structuredReplies?: boolean;
+  /** Ask for base:allocation (default true; needs structured replies). */
+  baseAllocation?: boolean;
+  connectTimeoutMs?: number;
+}
+
+interface Pending {
+  command: number;
+  offset: number;
+  length: number;
+  resolve: (v: Buffer | Extent[] | null) => void;
+  reject: (e: Error) => void;
+  data: Buffer | null;
+  /** True when `data` is the caller's buffer or one we allocated (not a view). */
+  ownsData: boolean;
+  extents: Extent[] | null;
+  error: DeviceError | null;
+}
+
+type HandshakeWaiter = (msg: ServerMessage | Error) => void;
+
+export class NbdClient extends EventEmitter {
+  size = 0;
+  transmissionFlags = 0;
+  blockSizes: BlockSizeInfo | null = null;
+  structured = false;
+  baseAllocationId: number | null = null;
+  readonly uri: string;
+
+  private readonly socket: net.Socket;
+  private readonly parser: ServerStreamParser;
+  private readonly pending = new Map<bigint, Pending>();
+  private nextCookie = 1n;
+  private inFlight = 0;
+  private readonly slotWaiters: Array<() => void> = [];
+  private readonly maxInFlight: number;
+  private ready = false;
+  private closedError: Error | null = null;
+  private handshakeQueue: Array<ServerMessage | Error> = [];
+  private handshakeWaiter: HandshakeWaiter | null = null;
+
+  private constructor(
+    private readonly addr: NbdAddress,
+    private readonly opts: NbdClientOptions,
+  ) {
+    super();
+    this.uri = formatNbdUri(addr);
+    this.maxInFlight = opts.maxInFlight ?? 64;
+    this.parser = new ServerStreamParser({
+      readLengthOf: (cookie) => {
+        const p = this.pending.get(cookie);
+        return p && p.command === Command.Read ? p.length : 0;
+      },
+    });
+    this.socket = addr.socketPath
+      ? net.createConnection({ path: addr.socketPath })
+      : net.createConnection({ host: addr.host, port: addr.port ?? 10809 });
+    this.socket.setNoDelay?.(true);
+    this.socket.on('data', (chunk: Buffer) => this.parser.push(chunk, this.onMessage));
+    this.socket.on('error', (err) => this.fail(err));
+    this.socket.on('close', () => this.fail(new Error('connection closed by server')));
+  }
+
+  /** Connect and complete the handshake. */
+  static async connect(addr: NbdAddress, opts: NbdClientOptions = {}): Promise<NbdClient> {
+    const c = new NbdClient(addr, opts);
+    const timeoutMs = opts.connectTimeoutMs ?? 30_000;
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      await Promise.race([
+        c.handshake(),
+        new Promise<never>((_, reject) => {
+          timer = setTimeout(() => reject(new Error(`timed out connecting to ${c.uri}`)), timeoutMs);
+        }),
+      ]);
+      return c;
+    } catch (e) {
+      c.socket.destroy();
+      throw describeConnectError(e, addr);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  get canFlush(): boolean {
+    return (this.transmissionFlags & 4) !== 0;
+  }
+
+  private readonly onMessage = (msg: ServerMessage): void => {
+    if (msg.type === 'protocolError') {
+      this.fail(new Error(`NBD protocol error from ${this.uri}: ${msg.message}`));
+      this.socket.destroy();
+      return;
+    }
+    if (!this.ready) {
+      if (this.handshakeWaiter) {
+        const w = this.handshakeWaiter;
+        this.handshakeWaiter = null;
+        w(msg);
+      } else this.handshakeQueue.push(msg);
+      return;
+    }
+    if (msg.type === 'simpleReply') this.onSimpleReply(msg.cookie, msg.error, msg.data);
+    else if (msg.type === 'structuredChunk') this.onChunk(msg.cookie, msg.flags, msg.chunkType, msg.payload);
+    else this.protocolViolation(`unexpected ${msg.type} in transmission`);
+  };
+
+  private next(): Promise<ServerMessage> {
+    const queued = this.handshakeQueue.shift();
+    if (queued) return queued instanceof Error ? Promise.reject(queued) : Promise.resolve(queued);
+    if (this.closedError) return Promise.reject(this.closedError);
+    return new Promise((resolve, reject) => {
+      this.handshakeWaiter = (m) => (m instanceof Error ? reject(m) : resolve(m));
+    });
+  }
+
+  private async nextOptionReply(opt: number): Promise<{ replyType: number; data: Buffer }> {
+    const m = await this.next();
+    if (m.type !== 'optionReply') throw new Error(`expected an option reply, got ${m.type}`);
+    if (m.option !== opt) throw new Error(`option reply for ${m.option}, expected ${opt}`);
+    return m;
+  }
+
+  private async handshake(): Promise<void> {
+    const g = await this.next();
+    if (g.type !== 'greeting') throw new Error('expected NBD greeting');
+    const fixed = (g.flags & HandshakeFlag.FixedNewstyle) !== 0;
+    const noZeroes = (g.flags & HandshakeFlag.NoZeroes) !== 0;
+    this.socket.write(
+      build.clientFlags((fixed ? ClientFlag.FixedNewstyle : 0) | (noZeroes ? ClientFlag.NoZeroes : 0)),
+    );
+    this.parser.noZeroes = noZeroes;
+    const name = this.addr.exportName;
+
+    if (fixed && this.opts.structuredReplies !== false) {
+      this.socket.write(build.option(Option.StructuredReply));
+      const r = await this.nextOptionReply(Option.StructuredReply);
+      this.structured = r.replyType === OptionReply.Ack;
+    }
+    if (this.structured && this.opts.baseAllocation !== false) {
+      this.socket.write(build.option(Option.SetMetaContext, build.metaContextRequestData(name, [BASE_ALLOCATION])));
+      for (;;) {
+        const r = await this.nextOptionReply(Option.SetMetaContext);
+        if (r.replyType === OptionReply.MetaContext) {
+          const mc = decodeMetaContextReply(r.data);
+          if (mc.ok && mc.value.name === BASE_ALLOCATION) this.baseAllocationId = mc.value.contextId;
+        } else break; // ACK or an error: either way no more replies
+      }
+    }
+    if (fixed) {
+      this.socket.write(build.option(Option.Go, build.infoRequestData(name, [InfoType.BlockSize])));
+      let gotExport = false;
+      for (;;) {
+        const r = await this.nextOptionReply(Option.Go);
+        if (r.replyType === OptionReply.Info) {
+          const info = decodeInfoReply(r.data);
+          if (!info.ok) throw new Error(info.error);
+          if (info.value.type === InfoType.Export) {
+            this.size = info.value.size;
+            this.transmissionFlags = info.value.transmissionFlags;
+            gotExport = true;
+          } else if (info.value.type === InfoType.BlockSize) {
+            this.blockSizes = info.value.blockSize;
+          }
+          continue;
+        }
+        if (r.replyType === OptionReply.Ack) {
+          if (!gotExport) throw new Error('server finished GO without NBD_INFO_EXPORT');
+          this.enterTransmission();
+          return;
+        }
+        if (r.replyType === OptionReply.ErrUnsup) break; // old server: use EXPORT_NAME
+        const text = r.data.toString('utf8');
+        if (r.replyType === OptionReply.ErrUnknown) throw new Error(`export "${name}" not found${text ? `: ${text}` : ''}`);
+        if ((r.replyType & NBD_REP_ERR_BIT) !== 0) {
+          throw new Error(`server refused export "${name}": ${text || `error 0x${r.replyType.toString(16)}`}`);
+        }
+        throw new Error(`unexpected reply 0x${r.replyType.toString(16)} to GO`);
+      }
+    }
+    this.parser.phase = 'exportNameReply';
+    this.socket.write(build.option(Option.ExportName, Buffer.from(name, 'utf8')));
+    const m = await this.next();
+    if (m.type !== 'exportNameReply') throw new Error('expected the EXPORT_NAME reply');
+    this.size = m.size;
+    this.transmissionFlags = m.flags;
+    this.enterTransmission();
+  }
+
+  private enterTransmission(): void {
+    this.parser.phase = 'transmission';
+    this.ready = true;
+    this.handshakeQueue = [];
+  }
+
+  private fail(err: Error): void {
+    if (this.closedError) return;
+    this.closedError = err;
+    const w = this.handshakeWaiter;
+    this.handshakeWaiter = null;
+    w?.(err);
+    const e = new DeviceError(NbdError.EIO, `${this.uri}: ${err.message}`);
+    for (const p of this.pending.values()) p.reject(e);
+    this.pending.clear();
+    for (const s of this.slotWaiters.splice(0)) s();
+    this.emit('close', err);
+  }
+
+  private protocolViolation(msg: string): void {
+    this.fail(new Error(`NBD protocol violation by ${this.uri}: ${msg}`));
+    this.socket.destroy();
+  }
+
+  get isClosed(): boolean {
+    return this.closedError !== null;
+  }
+
+  // ------------------------------------------------------------- requests
+
+  private async slot(): Promise<void> {
+    while (this.inFlight >= this.maxInFlight && !this.closedError) {
+      await new Promise<void>((r) => this.slotWaiters.push(r));
+    }
+  }
+
+  private async request(
+    command: number,
+    flags: number,
+    offset: number,
+    length: number,
+    payload: Buffer | null,
+    into: Buffer | null,
+  ): Promise<Buffer | Extent[] | null> {
+    if (this.inFlight >= this.maxInFlight) await this.slot();
+    if (this.closedError) throw new DeviceError(NbdError.EIO, `${this.uri}: ${this.closedError.message}`);
+    const cookie = this.nextCookie++;
+    this.inFlight++;
+    try {
+      return await new Promise<Buffer | Extent[] | null>((resolve, reject) => {
+        this.pending.set(cookie, {
+          command,
+          offset,
+          length,
+          resolve,
+          reject,
+          data: into,
+          ownsData: into !== null,
+          extents: null,
+          error: null,
+        });
+        const header = build.requestHeader(flags, command, cookie, offset, length);
+        if (payload) {
+          this.socket.cork();
+          this.socket.write(header);
+          this.socket.write(payload);
+          this.socket.uncork();
+        } else {
+          this.socket.write(header);
+        }
+      });
+    } finally {
+      this.inFlight--;
+      this.slotWaiters.shift()?.();
+    }
+  }
+
+  private onSimpleReply(cookie: bigint, error: number, data: Buffer | null): void {
+    const p = this.pending.get(cookie);
+    if (!p) return this.protocolViolation(`reply to unknown cookie ${cookie}`);
+    this.pending.delete(cookie);
+    if (error !== 0) return p.reject(new DeviceError(error, `${this.uri}: ${errorName(error)}`));
+    if (p.command === Command.Read) {
+      if (p.data && data) data.copy(p.data, 0, 0, p.length);
+      return p.resolve(p.data ?? data ?? Buffer.alloc(0));
+    }
+    p.resolve(null);
+  }
+
+  private onChunk(cookie: bigint, flags: number, type: number, payload: Buffer): void {
+    const p = this.pending.get(cookie);
+    if (!p) return this.protocolViolation(`chunk for unknown cookie ${cookie}`);
+    if (type === ReplyType.OffsetData) {
+      const d = decodeOffsetData(payload);
+      if (!d.ok) return this.protocolViolation(d.error);
+      const at = d.value.offset - p.offset;
+      if (p.command !== Command.Read || at < 0 || at + d.value.data.length > p.length) {
+        return this.protocolViolation('data chunk outside the request');
+      }
+      if (!p.data && at === 0 && d.value.data.length === p.length) {
+        p.data = d.value.data; // the whole read in one chunk: keep the view, no copy
+      } else {
+        this.ownedReadBuffer(p);
+        d.value.data.copy(p.data as Buffer, at);
+      }
+    } else if (type === ReplyType.OffsetHole) {
+      const h = decodeOffsetHole(payload);
+      if (!h.ok) return this.protocolViolation(h.error);
+      const at = h.value.offset - p.offset;
+      if (p.command !== Command.Read || at < 0 || at + h.value.length > p.length) {
+        return this.protocolViolation('hole chunk outside the request');
+      }
+      this.ownedReadBuffer(p);
+      (p.data as Buffer).fill(0, at, at + h.value.length);
+    } else if (type === ReplyType.BlockStatus) {
+      const b = decodeBlockStatus(payload);
+      if (!b.ok) return this.protocolViolation(b.error);
+      if (b.value.contextId === this.baseAllocationId) p.extents = b.value.extents;
+    } else if (isErrorChunk(type)) {
+      const e = decodeErrorChunk(type, payload);
+      if (!e.ok) return this.protocolViolation(e.error);
+      if (e.value.error === 0) return this.protocolViolation('error chunk with error 0');
+      p.error ??= new DeviceError(
+        e.value.error,
+        `${this.uri}: ${errorName(e.value.error)}${e.value.message ? `: ${e.value.message}` : ''}`,
+      );
+    } else if (type !== ReplyType.None) {
+      // Unknown non-error chunk types are to be ignored per the spec.
+    }
+    if ((flags & ReplyFlag.Done) === 0) return;
+    this.pending.delete(cookie);
+    if (p.error) return p.reject(p.error);
+    if (p.command === Command.Read) {
+      if (!p.data) this.ownedReadBuffer(p); // zero-length, or answered only with NONE
+      return p.resolve(p.data as Buffer);
+    }
+    if (p.command === Command.BlockStatus) {
+      if (!p.extents || p.extents.length === 0) return p.reject(new DeviceError(NbdError.EIO, 'no extents returned'));
+      return p.resolve(p.extents);
+    }
+    p.resolve(null);
+  }
+
+  /** Make p.data a buffer we may write into (the caller's or a new one). */
+  private ownedReadBuffer(p: Pending): void {
+    if (p.ownsData && p.data) return;
+    const buf = Buffer.alloc(p.length);
+    if (p.data) p.data.copy(buf); // an earlier whole-request view (unusual)
+    p.data = buf;
+    p.ownsData = true;
+  }
+
+  async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
+    if (length > MAX_PAYLOAD) throw new DeviceError(NbdError.EINVAL, `read of ${length} bytes is over the 32 MiB limit`);
+    const r = (await this.request(Command.Read, 0, offset, length, null, into ?? null)) as Buffer;
+    if (into && r !== into) {
+      r.copy(into, 0, 0, length);
+      return into;
+    }
+    return r;
+  }
+
+  async write(offset: number, data: Buffer, fua = false): Promise<void> {
+    await this.request(Command.Write, fua ? CommandFlag.Fua : 0, offset, data.length, data, null);
+  }
+
+  async zero(offset: number, length: number, flags = 0): Promise<void> {
+    await this.request(Command.WriteZeroes, flags, offset, length, null, null);
+  }
+
+  async trim(offset: number, length: number, fua = false): Promise<void> {
+    await this.request(Command.Trim, fua ? CommandFlag.Fua : 0, offset, length, null, null);
+  }
+
+  async flush(): Promise<void> {
+    await this.request(Command.Flush, 0, 0, 0, null, null);
+  }
+
+  async cache(offset: number, length: number): Promise<void> {
+    await this.request(Command.Cache, 0, offset, length, null, null);
+  }
+
+  async blockStatus(offset: number, length: number, reqOne = false): Promise<Extent[]> {
+    if (this.baseAllocationId === null) throw new DeviceError(NbdError.EINVAL, 'base:allocation not negotiated');
+    return (await this.request(Command.BlockStatus, reqOne ? CommandFlag.ReqOne : 0, offset, length, null, null)) as Extent[];
+  }
+
+  /** Send DISC after outstanding requests finish, then close. */
+  async close(): Promise<void> {
+    if (this.closedError) return;
+    if (this.ready) {
+      while (this.inFlight > 0 && !this.closedError) await new Promise((r) => setTimeout(r, 1));
+      if (!this.closedError) this.socket.write(build.requestHeader(0, Command.Disc, this.nextCookie++, 0, 0));
+    }
+    await new Promise<void>((resolve) => {
+      if (this.socket.destroyed) return resolve();
+      this.socket.once('close', () => resolve());
+      this.socket.end();
+      setTimeout(() => this.socket.destroy(), 2000).unref();
+    });
+  }
+}
+
+function describeConnectError(e: unknown, addr: NbdAddress): Error {
+  const err = e as NodeJS.ErrnoException;
+  const where = addr.socketPath ? `unix socket ${addr.socketPath}` : `${addr.host}:${addr.port ?? 10809}`;
+  switch (err.code) {
+    case 'ENOENT':
+      return new Error(`cannot connect to NBD server at ${where}: no such socket`);
+    case 'ECONNREFUSED':
+      return new Error(`cannot connect to NBD server at ${where}: connection refused`);
+    case 'EACCES':
+      return new Error(`cannot connect to NBD server at ${where}: permission denied`);
+    default:
+      return new Error(`cannot connect to NBD server at ${where}: ${err.message ?? String(e)}`);
+  }
+}

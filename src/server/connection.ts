@@ -1,0 +1,533 @@
+// One client connection: fixed-newstyle handshake, then transmission.
+//
+// States:
+//   handshake    greeting sent; options answered in order as they arrive
+//   transmission requests dispatched as they arrive, replies written as each
+//                completes (any order; cookies are opaque)
+//   draining     DISC received or the socket half-closed: no new requests,
+//                outstanding ones finish, then the socket is ended
+//   closed       socket gone; late completions are dropped
+//
+// Backpressure: the socket is paused while requests in flight or their
+// bytes exceed the per-connection bounds, or while the socket's write buffer
+// is over its high-water mark; it resumes when both have room again.
+
+import type { Socket } from 'node:net';
+import {
+  BASE_ALLOCATION,
+  ClientFlag,
+  ClientStreamParser,
+  Command,
+  CommandFlag,
+  HandshakeFlag,
+  InfoType,
+  MAX_PAYLOAD,
+  NbdError,
+  Option,
+  OptionReply,
+  ReplyFlag,
+  TransmissionFlag,
+  build,
+  commandName,
+  decodeInfoRequest,
+  decodeMetaContextRequest,
+  type ClientMessage,
+  type RequestMessage,
+} from '../nbd-protocol';
+import { DeviceError, type BlockDevice, type Extent } from '../device/types';
+
+export interface ExportSpec {
+  name: string;
+  description?: string;
+  device: BlockDevice;
+}
+
+/** Looks up an export by the name a client asked for ("" is the default). */
+export interface ExportRegistry {
+  find(name: string): ExportSpec | undefined;
+  list(): ExportSpec[];
+}
+
+/** Hooks for metrics and logs; all optional and called synchronously. */
+export interface ConnectionObserver {
+  requestStarted?(exp: ExportSpec, command: number): void;
+  requestFinished?(exp: ExportSpec, command: number, bytes: number, seconds: number, error: number): void;
+}
+
+export interface ConnectionOptions {
+  exports: ExportRegistry;
+  /** Requests executing at once per connection. */
+  maxInFlight?: number;
+  /** Payload bytes (write data and read buffers) held at once per connection. */
+  maxInFlightBytes?: number;
+  /** Drop clients that have not finished the handshake in this time. */
+  handshakeTimeoutMs?: number;
+  observer?: ConnectionObserver;
+  log?: (msg: string) => void;
+}
+
+const BASE_ALLOCATION_ID = 1;
+const MAX_EXTENTS_PER_REPLY = 1024;
+/** Extent lengths are 32-bit on the wire; keep them block-aligned below 4 GiB. */
+const MAX_EXTENT_LENGTH = 0x80000000;
+
+type Phase = 'handshake' | 'transmission' | 'draining' | 'closed';
+
+export class NbdConnection {
+  private readonly parser = new ClientStreamParser({ maxPayload: MAX_PAYLOAD });
+  private phase: Phase = 'handshake';
+  private noZeroes = false;
+  private structured = false;
+  /** Export name the last SET_META_CONTEXT selected base:allocation for, or null. */
+  private metaContextExport: string | null = null;
+  private exp: ExportSpec | null = null;
+  private transmissionFlags = 0;
+  private inFlight = 0;
+  private inFlightBytes = 0;
+  private readonly queued: RequestMessage[] = [];
+  private socketPaused = false;
+  private handshakeTimer: NodeJS.Timeout | null = null;
+  private readonly maxInFlight: number;
+  private readonly maxInFlightBytes: number;
+  private readonly onData = (chunk: Buffer) => this.parser.push(chunk, this.handle);
+
+  constructor(
+    private readonly socket: Socket,
+    private readonly opts: ConnectionOptions,
+  ) {
+    this.maxInFlight = opts.maxInFlight ?? 64;
+    this.maxInFlightBytes = opts.maxInFlightBytes ?? 2 * MAX_PAYLOAD;
+    socket.setNoDelay?.(true);
+    socket.on('data', this.onData);
+    socket.on('end', () => this.drain());
+    socket.on('error', (err) => this.log(`socket error: ${err.message}`));
+    socket.on('close', () => this.closed());
+    socket.on('drain', () => this.updateFlow());
+    const timeout = opts.handshakeTimeoutMs ?? 10_000;
+    if (timeout > 0) {
+      this.handshakeTimer = setTimeout(() => {
+        this.log('handshake timed out');
+        socket.destroy();
+      }, timeout);
+      this.handshakeTimer.unref();
+    }
+    this.send(build.greeting(HandshakeFlag.FixedNewstyle | HandshakeFlag.NoZeroes));
+  }
+
+  /** Finish outstanding requests and close. */
+  shutdown(): void {
+    this.drain();
+  }
+
+  private log(msg: string): void {
+    this.opts.log?.(msg);
+  }
+
+  private send(buf: Buffer): void {
+    if (this.phase !== 'closed') this.socket.write(buf);
+  }
+
+  private readonly handle = (msg: ClientMessage): void => {
+    switch (msg.type) {
+      case 'protocolError':
+        this.log(`protocol error: ${msg.message}`);
+        this.socket.destroy();
+        return;
+      case 'clientFlags':
+        // Known flags only; an unknown bit means a client we do not understand.
+        if ((msg.flags & ~(ClientFlag.FixedNewstyle | ClientFlag.NoZeroes)) !== 0) {
+          this.log(`unknown client flags 0x${msg.flags.toString(16)}`);
+          this.socket.destroy();
+          return;
+        }
+        this.noZeroes = (msg.flags & ClientFlag.NoZeroes) !== 0;
+        return;
+      case 'option':
+        this.handleOption(msg.option, msg.data);
+        this.updateFlow(); // a client flooding LIST must not grow our write buffer
+        return;
+      case 'optionTooLarge':
+        this.send(build.optionError(msg.option, OptionReply.ErrTooBig, 'option payload too large'));
+        return;
+      case 'request':
+        if (this.phase !== 'transmission') return; // after DISC: ignore
+        if (this.queued.length > 0 || !this.admit(msg)) {
+          this.queued.push(msg);
+          this.updateFlow();
+          return;
+        }
+        this.dispatch(msg);
+        return;
+    }
+  };
+
+  // ------------------------------------------------------------- handshake
+
+  private handleOption(opt: number, data: Buffer): void {
+    const reply = (type: number, payload?: Buffer) => this.send(build.optionReply(opt, type, payload));
+    const error = (type: number, message: string) => this.send(build.optionError(opt, type, message));
+    switch (opt) {
+      case Option.ExportName: {
+        const exp = this.opts.exports.find(data.toString('utf8'));
+        if (!exp) {
+          // EXPORT_NAME has no error reply: the only answer is to hang up.
+          this.log(`unknown export "${data.toString('utf8')}"`);
+          this.socket.destroy();
+          return;
+        }
+        this.send(build.exportNameReply(exp.device.size, this.flagsFor(exp), this.noZeroes));
+        this.enterTransmission(exp, false);
+        return;
+      }
+      case Option.Abort:
+        reply(OptionReply.Ack);
+        this.socket.end();
+        this.phase = 'closed';
+        return;
+      case Option.List:
+        if (data.length !== 0) return error(OptionReply.ErrInvalid, 'LIST takes no payload');
+        for (const e of this.opts.exports.list()) reply(OptionReply.Server, build.serverListData(e.name, e.description));
+        reply(OptionReply.Ack);
+        return;
+      case Option.StructuredReply:
+        if (data.length !== 0) return error(OptionReply.ErrInvalid, 'STRUCTURED_REPLY takes no payload');
+        this.structured = true;
+        reply(OptionReply.Ack);
+        return;
+      case Option.Info:
+      case Option.Go: {
+        const req = decodeInfoRequest(data);
+        if (!req.ok) return error(OptionReply.ErrInvalid, req.error);
+        const exp = this.opts.exports.find(req.value.exportName);
+        if (!exp) return error(OptionReply.ErrUnknown, `no export named "${req.value.exportName}"`);
+        const wanted = new Set(req.value.infoTypes);
+        reply(OptionReply.Info, build.infoExportData(exp.device.size, this.flagsFor(exp)));
+        if (wanted.has(InfoType.Name)) reply(OptionReply.Info, build.infoNameData(exp.name));
+        if (wanted.has(InfoType.Description) && exp.description) {
+          reply(OptionReply.Info, build.infoDescriptionData(exp.description));
+        }
+        // Always sent, as qemu-nbd does: clients that did not ask may ignore it.
+        reply(OptionReply.Info, build.infoBlockSizeData(blockSizesFor(exp.device)));
+        reply(OptionReply.Ack);
+        if (opt === Option.Go) {
+          const keepContext = this.metaContextExport === req.value.exportName;
+          this.enterTransmission(exp, keepContext);
+        }
+        return;
+      }
+      case Option.ListMetaContext:
+      case Option.SetMetaContext: {
+        if (!this.structured) {
+          return error(OptionReply.ErrInvalid, 'meta contexts need STRUCTURED_REPLY first');
+        }
+        const req = decodeMetaContextRequest(data);
+        if (!req.ok) return error(OptionReply.ErrInvalid, req.error);
+        const exp = this.opts.exports.find(req.value.exportName);
+        if (!exp) return error(OptionReply.ErrUnknown, `no export named "${req.value.exportName}"`);
+        const list = opt === Option.ListMetaContext;
+        // LIST with no queries means "all"; "base:" asks for the whole namespace.
+        const matches = list
+          ? req.value.queries.length === 0 || req.value.queries.some((q) => q === 'base:' || q === BASE_ALLOCATION)
+          : req.value.queries.includes(BASE_ALLOCATION);
+        if (matches) reply(OptionReply.MetaContext, build.metaContextData(BASE_ALLOCATION_ID, BASE_ALLOCATION));
+        if (!list) this.metaContextExport = matches ? req.value.exportName : null;
+        reply(OptionReply.Ack);
+        return;
+      }
+      case Option.StartTls:
+        return error(OptionReply.ErrUnsup, 'TLS is not enabled on this server');
+      default:
+        return error(OptionReply.ErrUnsup, `option ${opt} is not supported`);
+    }
+  }
+
+  private flagsFor(exp: ExportSpec): number {
+    const c = exp.device.capabilities;
+    let f = TransmissionFlag.HasFlags;
+    if (c.readOnly) f |= TransmissionFlag.ReadOnly;
+    if (c.flush) f |= TransmissionFlag.SendFlush;
+    if (c.fua && !c.readOnly) f |= TransmissionFlag.SendFua;
+    if (c.trim && !c.readOnly) f |= TransmissionFlag.SendTrim;
+    if (c.zero && !c.readOnly) {
+      f |= TransmissionFlag.SendWriteZeroes;
+      if (c.fastZero) f |= TransmissionFlag.SendFastZero;
+    }
+    if (c.cache) f |= TransmissionFlag.SendCache;
+    if (c.multiConn) f |= TransmissionFlag.CanMultiConn;
+    // Every READ is answered with one chunk, so DF is honoured trivially.
+    if (this.structured) f |= TransmissionFlag.SendDf;
+    return f;
+  }
+
+  private enterTransmission(exp: ExportSpec, keepMetaContext: boolean): void {
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    this.handshakeTimer = null;
+    this.exp = exp;
+    if (!keepMetaContext) this.metaContextExport = null;
+    this.transmissionFlags = this.flagsFor(exp);
+    this.phase = 'transmission';
+    this.parser.phase = 'transmission';
+  }
+
+  // ---------------------------------------------------------- transmission
+
+  private costOf(msg: RequestMessage): number {
+    if (msg.command === Command.Read) return Math.min(msg.length, MAX_PAYLOAD);
+    if (msg.command === Command.Write) return msg.payload?.length ?? 0;
+    return 0;
+  }
+
+  private admit(msg: RequestMessage): boolean {
+    if (this.inFlight === 0) return true;
+    return this.inFlight < this.maxInFlight && this.inFlightBytes + this.costOf(msg) <= this.maxInFlightBytes;
+  }
+
+  private updateFlow(): void {
+    while (this.queued.length > 0 && this.phase !== 'closed' && this.admit(this.queued[0])) {
+      this.dispatch(this.queued.shift() as RequestMessage);
+    }
+    const stalled =
+      this.queued.length > 0 ||
+      this.inFlight >= this.maxInFlight ||
+      this.inFlightBytes >= this.maxInFlightBytes ||
+      this.socket.writableNeedDrain;
+    if (stalled && !this.socketPaused) {
+      this.socketPaused = true;
+      this.socket.pause();
+    } else if (!stalled && this.socketPaused) {
+      this.socketPaused = false;
+      this.socket.resume();
+    }
+    this.maybeFinishDrain();
+  }
+
+  private drain(): void {
+    if (this.phase === 'closed' || this.phase === 'draining') return;
+    if (this.phase === 'handshake') {
+      this.socket.destroy();
+      return;
+    }
+    this.phase = 'draining';
+    this.queued.length = 0; // requests after DISC are not executed
+    this.socket.off('data', this.onData);
+    this.maybeFinishDrain();
+  }
+
+  private maybeFinishDrain(): void {
+    if (this.phase === 'draining' && this.inFlight === 0) {
+      this.phase = 'closed';
+      this.socket.end();
+    }
+  }
+
+  private closed(): void {
+    this.phase = 'closed';
+    this.queued.length = 0;
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+  }
+
+  /** Check a request against the export; returns an NBD error or 0. */
+  private validate(msg: RequestMessage): number {
+    const exp = this.exp as ExportSpec;
+    const caps = exp.device.capabilities;
+    const f = this.transmissionFlags;
+    const { command, flags, offset, length } = msg;
+    let allowedFlags = 0;
+    let writes = false;
+    switch (command) {
+      case Command.Read:
+        allowedFlags = this.structured ? CommandFlag.Df : 0;
+        break;
+      case Command.Write:
+        allowedFlags = CommandFlag.Fua;
+        writes = true;
+        break;
+      case Command.Flush:
+        if (!(f & TransmissionFlag.SendFlush)) return NbdError.EINVAL;
+        return flags === 0 ? 0 : NbdError.EINVAL;
+      case Command.Trim:
+        if (!(f & TransmissionFlag.SendTrim) && !caps.readOnly) return NbdError.EINVAL;
+        allowedFlags = CommandFlag.Fua;
+        writes = true;
+        break;
+      case Command.WriteZeroes:
+        if (!(f & TransmissionFlag.SendWriteZeroes) && !caps.readOnly) return NbdError.EINVAL;
+        allowedFlags = CommandFlag.Fua | CommandFlag.NoHole;
+        if (f & TransmissionFlag.SendFastZero) allowedFlags |= CommandFlag.FastZero;
+        writes = true;
+        break;
+      case Command.Cache:
+        if (!(f & TransmissionFlag.SendCache)) return NbdError.EINVAL;
+        break;
+      case Command.BlockStatus:
+        // qemu drops a server that answers with a zero-length extent.
+        if (this.metaContextExport === null || length === 0) return NbdError.EINVAL;
+        allowedFlags = CommandFlag.ReqOne;
+        break;
+      default:
+        return NbdError.EINVAL;
+    }
+    if ((flags & ~allowedFlags) !== 0) return NbdError.EINVAL;
+    if (writes && caps.readOnly) return NbdError.EPERM;
+    if ((command === Command.Write || command === Command.Read) && length > MAX_PAYLOAD) {
+      return NbdError.EINVAL;
+    }
+    if (msg.payloadSkipped) return NbdError.EINVAL;
+    if (offset + length > exp.device.size || offset > exp.device.size) {
+      return command === Command.Write || command === Command.WriteZeroes ? NbdError.ENOSPC : NbdError.EINVAL;
+    }
+    return 0;
+  }
+
+  private dispatch(msg: RequestMessage): void {
+    if (msg.command === Command.Disc) {
+      this.drain();
+      return;
+    }
+    const exp = this.exp as ExportSpec;
+    const cost = this.costOf(msg);
+    this.inFlight++;
+    this.inFlightBytes += cost;
+    this.opts.observer?.requestStarted?.(exp, msg.command);
+    const started = process.hrtime.bigint();
+    const finish = (error: number, bytes: number) => {
+      this.inFlight--;
+      this.inFlightBytes -= cost;
+      const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+      this.opts.observer?.requestFinished?.(exp, msg.command, bytes, seconds, error);
+      this.updateFlow();
+    };
+    const err = this.validate(msg);
+    if (err !== 0) {
+      this.replyError(msg, err, 'invalid request');
+      finish(err, 0);
+      return;
+    }
+    this.execute(exp.device, msg).then(
+      (bytes) => finish(0, bytes),
+      (e: unknown) => {
+        const code = e instanceof DeviceError ? e.nbdError : NbdError.EIO;
+        const message = e instanceof Error ? e.message : String(e);
+        this.log(`${commandName(msg.command)} at ${msg.offset}+${msg.length} failed: ${message}`);
+        this.replyError(msg, code, message);
+        finish(code, 0);
+      },
+    );
+  }
+
+  /** Run one valid request and send its successful reply; returns bytes moved. */
+  private async execute(dev: BlockDevice, msg: RequestMessage): Promise<number> {
+    const { command, flags, offset, length, cookie } = msg;
+    const fua = (flags & CommandFlag.Fua) !== 0;
+    switch (command) {
+      case Command.Read: {
+        if (length === 0) {
+          // Structured clients never get a simple reply to a READ.
+          this.send(this.structured ? build.noneChunk(cookie) : build.simpleReplyHeader(cookie, 0));
+          return 0;
+        }
+        const data = await dev.read(offset, length);
+        if (this.phase === 'closed') return length;
+        if (this.structured) {
+          this.sendPair(build.offsetDataHeader(cookie, ReplyFlag.Done, offset, data.length), data);
+        } else {
+          this.sendPair(build.simpleReplyHeader(cookie, 0), data);
+        }
+        return length;
+      }
+      case Command.Write:
+        if (length > 0) await dev.write(offset, msg.payload as Buffer, { fua });
+        this.replyOk(cookie);
+        return length;
+      case Command.Flush:
+        await dev.flush();
+        this.replyOk(cookie);
+        return 0;
+      case Command.Trim:
+        if (length > 0) await dev.trim(offset, length, { fua });
+        this.replyOk(cookie);
+        return length;
+      case Command.WriteZeroes:
+        if (length > 0) {
+          await dev.zero(offset, length, {
+            fua,
+            mayTrim: (flags & CommandFlag.NoHole) === 0,
+            fastOnly: (flags & CommandFlag.FastZero) !== 0,
+          });
+        }
+        this.replyOk(cookie);
+        return length;
+      case Command.Cache:
+        if (length > 0) await dev.cache(offset, length);
+        this.replyOk(cookie);
+        return 0;
+      case Command.BlockStatus: {
+        const reqOne = (flags & CommandFlag.ReqOne) !== 0;
+        const extents = clipExtents(await dev.blockStatus(offset, length), length, reqOne);
+        if (extents.length === 0) throw new DeviceError(NbdError.EIO, 'device returned no extents');
+        this.send(build.blockStatusChunk(cookie, ReplyFlag.Done, BASE_ALLOCATION_ID, extents));
+        return 0;
+      }
+      default:
+        throw new DeviceError(NbdError.EINVAL, 'unknown command');
+    }
+  }
+
+  /** Header and payload leave in one write so the kernel sees them together. */
+  private sendPair(header: Buffer, data: Buffer): void {
+    if (this.phase === 'closed') return;
+    this.socket.cork();
+    this.socket.write(header);
+    this.socket.write(data);
+    this.socket.uncork();
+  }
+
+  private replyOk(cookie: bigint): void {
+    this.send(build.simpleReplyHeader(cookie, 0));
+  }
+
+  private replyError(msg: RequestMessage, error: number, message: string): void {
+    if (this.structured && (msg.command === Command.Read || msg.command === Command.BlockStatus)) {
+      this.send(build.errorChunk(msg.cookie, ReplyFlag.Done, error, message));
+    } else {
+      this.send(build.simpleReplyHeader(msg.cookie, error));
+    }
+  }
+}
+
+export function blockSizesFor(dev: BlockDevice): { minimum: number; preferred: number; maximum: number } {
+  const bs = dev.blockSizes;
+  return {
+    minimum: bs?.minimum ?? 1,
+    preferred: bs?.preferred ?? 4096,
+    maximum: Math.min(bs?.maximum ?? MAX_PAYLOAD, MAX_PAYLOAD),
+  };
+}
+
+/**
+ * Trim device extents to the request: never past `length`, never empty,
+ * merged where adjacent runs share flags, at most one with REQ_ONE.
+ */
+export function clipExtents(extents: readonly Extent[], length: number, reqOne: boolean): Extent[] {
+  const out: Extent[] = [];
+  let covered = 0;
+  for (const e of extents) {
+    if (covered >= length) break;
+    let len = Math.min(e.length, length - covered);
+    if (len <= 0) continue;
+    covered += len;
+    const last = out[out.length - 1];
+    if (last && last.flags === e.flags && last.length + len <= MAX_EXTENT_LENGTH) {
+      last.length += len;
+      continue;
+    }
+    while (len > MAX_EXTENT_LENGTH) {
+      out.push({ length: MAX_EXTENT_LENGTH, flags: e.flags });
+      len -= MAX_EXTENT_LENGTH;
+    }
+    out.push({ length: len, flags: e.flags });
+    if (reqOne || out.length >= MAX_EXTENTS_PER_REPLY) break;
+  }
+  if (reqOne && out.length > 1) out.length = 1;
+  return out;
+}

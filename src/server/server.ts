@@ -1,0 +1,107 @@
+// Listeners (unix socket, TCP) feeding NbdConnections, with a connection cap
+// and a clean shutdown that lets outstanding requests finish.
+
+import net from 'node:net';
+import fs from 'node:fs';
+import { NbdConnection, type ConnectionObserver, type ExportRegistry, type ExportSpec } from './connection';
+
+export interface ListenAddress {
+  /** Unix socket path. */
+  socketPath?: string;
+  host?: string;
+  /** TCP port; 0 picks a free one. */
+  port?: number;
+}
+
+export interface NbdServerOptions {
+  exports: ExportSpec[];
+  maxConnections?: number;
+  handshakeTimeoutMs?: number;
+  maxInFlight?: number;
+  observer?: ConnectionObserver;
+  log?: (msg: string) => void;
+}
+
+class StaticExports implements ExportRegistry {
+  constructor(private readonly exports: ExportSpec[]) {}
+  find(name: string): ExportSpec | undefined {
+    // "" is the default export, as for qemu-nbd and nbdkit.
+    if (name === '') return this.exports[0];
+    return this.exports.find((e) => e.name === name);
+  }
+  list(): ExportSpec[] {
+    return this.exports;
+  }
+}
+
+export class NbdServer {
+  private readonly servers: net.Server[] = [];
+  private readonly connections = new Set<NbdConnection>();
+  private readonly sockets = new Set<net.Socket>();
+  private readonly registry: ExportRegistry;
+
+  constructor(private readonly opts: NbdServerOptions) {
+    this.registry = new StaticExports(opts.exports);
+  }
+
+  get connectionCount(): number {
+    return this.sockets.size;
+  }
+
+  /** Start listening; resolves with the bound address once accepting. */
+  async listen(addr: ListenAddress): Promise<net.AddressInfo | string> {
+    const server = net.createServer({ pauseOnConnect: false }, (s) => this.accept(s));
+    server.maxConnections = this.opts.maxConnections ?? 256;
+    if (addr.socketPath) removeStaleSocket(addr.socketPath);
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      const done = () => {
+        server.off('error', reject);
+        resolve();
+      };
+      if (addr.socketPath) server.listen(addr.socketPath, done);
+      else server.listen(addr.port ?? 10809, addr.host ?? '127.0.0.1', done);
+    });
+    server.on('error', (e) => this.opts.log?.(`listener error: ${e.message}`));
+    this.servers.push(server);
+    const bound = server.address();
+    if (bound === null) throw new Error('listener has no address');
+    return bound;
+  }
+
+  private accept(socket: net.Socket): void {
+    this.sockets.add(socket);
+    const conn = new NbdConnection(socket, {
+      exports: this.registry,
+      handshakeTimeoutMs: this.opts.handshakeTimeoutMs,
+      maxInFlight: this.opts.maxInFlight,
+      observer: this.opts.observer,
+      log: this.opts.log,
+    });
+    this.connections.add(conn);
+    socket.on('close', () => {
+      this.sockets.delete(socket);
+      this.connections.delete(conn);
+    });
+  }
+
+  /** Stop accepting; let connections finish their requests; close. */
+  async close(graceMs = 5000): Promise<void> {
+    for (const s of this.servers) s.close();
+    for (const c of this.connections) c.shutdown();
+    const deadline = Date.now() + graceMs;
+    while (this.sockets.size > 0 && Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    for (const s of this.sockets) s.destroy();
+  }
+}
+
+/** A socket file left by a dead server would make listen() fail with EADDRINUSE. */
+function removeStaleSocket(path: string): void {
+  try {
+    if (fs.statSync(path).isSocket()) fs.unlinkSync(path);
+  } catch {
+    // missing: nothing to remove
+  }
+}
