@@ -2,6 +2,7 @@
 
 import { Command, CommanderError } from 'commander';
 import { registerServe } from './serve';
+import { registerBackup } from './backup';
 import { die, errorMessage } from './log';
 
 export const VERSION: string = (() => {
@@ -25,6 +26,7 @@ export function buildProgram(): Command {
     .showHelpAfterError('(run with --help for usage)')
     .exitOverride();
   registerServe(program);
+  registerBackup(program);
   return program;
 }
 

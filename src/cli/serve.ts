@@ -12,6 +12,11 @@ import { formatNbdUri } from '../client/uri';
 import { backgroundSelf, exitWithParent, runCaptive, signalReady, writePidFile } from './daemon';
 import { debug, die, errorMessage, info, setVerbose } from './log';
 import { formatSize } from './sizes';
+import { CbwFilter } from '../cbw/filter';
+import { JobManager, validateRequest, type BackupJob, type BackupRequest } from '../jobs/job';
+import { ControlServer, formatControlAddress, parseControlAddress, type ControlAddress } from '../control/server';
+import { validateTargetSpec } from '../targets/open';
+import { addBackupOptions, toBackupRequest, type BackupCliOptions } from './backup-options';
 
 export interface ListenOptions {
   unix?: string;
@@ -134,15 +139,24 @@ export async function runServer(
   return new Promise<never>(() => undefined);
 }
 
+/** The control socket lives next to the NBD socket, or in the temp dir. */
+function defaultControlPath(address: ListenAddress): string {
+  if (address.socketPath) return `${address.socketPath}.ctl`;
+  return path.join(process.env.XDG_RUNTIME_DIR ?? os.tmpdir(), `nbd-cbw-${process.pid}.ctl`);
+}
+
 function parsePort(text: string): number {
   const n = Number(text);
   if (!Number.isInteger(n) || n < 0 || n > 65535) die(`bad port "${text}": expected 0-65535`);
   return n;
 }
 
-export interface ServeOptions extends ListenOptions {
+export interface ServeOptions extends ListenOptions, BackupCliOptions {
   source?: string;
   readonly?: boolean;
+  control?: string;
+  controlTokenFile?: string;
+  backupTo?: string;
 }
 
 export function registerServe(program: Command): void {
@@ -155,8 +169,12 @@ export function registerServe(program: Command): void {
         'do is advertised (trim, zero, fua, flush, cache, block status).',
     )
     .option('-s, --source <SOURCE>', 'the disk: file:PATH, nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH')
-    .option('-r, --readonly', 'export read-only');
+    .option('-r, --readonly', 'export read-only')
+    .option('--control <ADDR>', 'control API address: a unix socket path, or HOST:PORT (needs --control-token-file); default: SOCKET.ctl next to -U SOCKET, else a socket in the temp dir')
+    .option('--control-token-file <FILE>', 'require this bearer token (file contents) on the control API')
+    .option('--backup-to <TARGET>', 'start a backup to TARGET (file:PATH, nbd://..., nbd+unix://...) as soon as the server is up');
   addListenOptions(cmd);
+  addBackupOptions(cmd);
   cmd.addHelpText(
     'after',
     '\nExamples:\n' +
@@ -165,8 +183,58 @@ export function registerServe(program: Command): void {
       '  qemu-system-x86_64 -drive driver=nbd,server.type=unix,server.path=/run/disk.sock,export=disk,cache=none\n',
   );
   cmd.action(async (opts: ServeOptions) => {
-    const exportSpec = await prepareServe(opts);
-    await runServer(opts, exportSpec);
+    let request: BackupRequest | null = null;
+    let controlAddr: ControlAddress | null = null;
+    let token: string | undefined;
+    try {
+      if (opts.backupTo) {
+        const bad = validateTargetSpec(opts.backupTo);
+        if (bad) throw new Error(bad);
+        request = toBackupRequest(opts.backupTo, opts);
+        validateRequest(request);
+      }
+      if (opts.control) controlAddr = parseControlAddress(opts.control);
+      if (opts.controlTokenFile) token = fs.readFileSync(opts.controlTokenFile, 'utf8').trim();
+      if (controlAddr && !controlAddr.socketPath && !token) {
+        throw new Error('a TCP --control address needs --control-token-file');
+      }
+    } catch (e) {
+      die(errorMessage(e));
+    }
+    const source = await prepareServe(opts);
+    const filter = new CbwFilter(source.device);
+    const exportSpec: ExportSpec = { ...source, device: filter };
+    const jobs = new JobManager(filter);
+    let control: ControlServer | null = null;
+    await runServer(opts, exportSpec, {
+      onStarted: async ({ address }) => {
+        const addr = controlAddr ?? { socketPath: defaultControlPath(address) };
+        control = new ControlServer({ exportName: exportSpec.name, jobs, token, log: (m) => debug(m) });
+        try {
+          await control.listen(addr);
+        } catch (e) {
+          throw new Error(`cannot start the control API on ${formatControlAddress(addr)}: ${errorMessage(e)}`);
+        }
+        jobs.on('job', (job: BackupJob) => {
+          job.on('end', () => {
+            const st = job.status();
+            if (st.state === 'completed') info(`backup ${st.id} completed: ${formatSize(st.bytesTotal)} to ${st.target}`);
+            else info(`backup ${st.id} ${st.state}${st.error ? `: ${st.error}` : ''}`);
+          });
+        });
+        if (request) {
+          const job = await jobs.start(request).catch((e: unknown) => {
+            throw new Error(`cannot start the backup: ${errorMessage(e)}`);
+          });
+          info(`backup ${job.id} started to ${request.target}`);
+        }
+        return { NBD_CBW_CONTROL: formatControlAddress(addr) };
+      },
+      cleanup: async () => {
+        jobs.current?.engine.cancel();
+        await (control as ControlServer | null)?.close();
+      },
+    });
   });
 }
 

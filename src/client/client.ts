@@ -275,7 +275,7 @@ export class NbdClient extends EventEmitter {
     flags: number,
     offset: number,
     length: number,
-    payload: Buffer | null,
+    payload: Buffer | readonly Buffer[] | null,
     into: Buffer | null,
   ): Promise<Buffer | Extent[] | null> {
     if (this.inFlight >= this.maxInFlight) await this.slot();
@@ -299,7 +299,8 @@ export class NbdClient extends EventEmitter {
         if (payload) {
           this.socket.cork();
           this.socket.write(header);
-          this.socket.write(payload);
+          if (Buffer.isBuffer(payload)) this.socket.write(payload);
+          else for (const b of payload) this.socket.write(b);
           this.socket.uncork();
         } else {
           this.socket.write(header);
@@ -396,8 +397,10 @@ export class NbdClient extends EventEmitter {
     return r;
   }
 
-  async write(offset: number, data: Buffer, fua = false): Promise<void> {
-    await this.request(Command.Write, fua ? CommandFlag.Fua : 0, offset, data.length, data, null);
+  /** Write one buffer, or several sent back to back as one request (no concat). */
+  async write(offset: number, data: Buffer | readonly Buffer[], fua = false): Promise<void> {
+    const length = Buffer.isBuffer(data) ? data.length : data.reduce((n, b) => n + b.length, 0);
+    await this.request(Command.Write, fua ? CommandFlag.Fua : 0, offset, length, data, null);
   }
 
   async zero(offset: number, length: number, flags = 0): Promise<void> {

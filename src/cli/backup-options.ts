@@ -1,0 +1,63 @@
+// Backup options shared by `backup start` and `serve --backup-to`.
+
+import { Option, type Command } from 'commander';
+import type { BackupRequest } from '../jobs/job';
+import { parseSize } from './sizes';
+
+export interface BackupCliOptions {
+  buffer?: string;
+  spillDir?: string;
+  workers?: string;
+  clusterSize?: string;
+  maxChunk?: string;
+  speed?: string;
+  cbwTimeout?: string;
+  onCbwError?: string;
+  targetIsZero?: boolean;
+}
+
+export function addBackupOptions(cmd: Command): Command {
+  return cmd
+    .option('--buffer <SIZE>', 'RAM for old data awaiting the target; 0 = guest writes wait for the target', '256M')
+    .option('--spill-dir <DIR>', 'when the RAM buffer is full, spill to a file here instead of making the guest wait')
+    .option('--workers <N>', 'background copy workers', '16')
+    .option('--cluster-size <SIZE>', 'copy granularity (power of two)', '64K')
+    .option('--max-chunk <SIZE>', 'largest coalesced read and target write', '4M')
+    .option('--speed <SIZE>', 'limit the background copy to SIZE bytes/s (guest-triggered copies are not limited); 0 = unlimited', '0')
+    .option('--cbw-timeout <DURATION>', 'how long a guest write may wait for its old data to be saved (e.g. 5s, 500ms)', '5s')
+    .addOption(
+      new Option('--on-cbw-error <POLICY>', 'when saving old data fails or times out: fail the backup, or fail the guest write')
+        .choices(['break-snapshot', 'break-guest-write'])
+        .default('break-snapshot'),
+    )
+    .option('--target-is-zero', 'the target already reads as zeros: skip writing zero ranges');
+}
+
+export function parseDuration(text: string): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$/.exec(text);
+  if (!m) throw new Error(`bad duration "${text}": use e.g. 5s, 500ms or 2m`);
+  const v = Number(m[1]);
+  const unit = m[2] ?? 's';
+  return Math.round(unit === 'ms' ? v : unit === 'm' ? v * 60_000 : v * 1000);
+}
+
+function parseCount(text: string, what: string): number {
+  const n = Number(text);
+  if (!Number.isInteger(n) || n < 1) throw new Error(`bad ${what} "${text}": expected a positive integer`);
+  return n;
+}
+
+export function toBackupRequest(target: string, o: BackupCliOptions): BackupRequest {
+  return {
+    target,
+    bufferBytes: parseSize(o.buffer ?? '256M', '--buffer'),
+    spillDir: o.spillDir,
+    workers: parseCount(o.workers ?? '16', '--workers'),
+    clusterSize: parseSize(o.clusterSize ?? '64K', '--cluster-size'),
+    maxChunk: parseSize(o.maxChunk ?? '4M', '--max-chunk'),
+    speed: parseSize(o.speed ?? '0', '--speed'),
+    cbwTimeoutMs: parseDuration(o.cbwTimeout ?? '5s'),
+    onCbwError: (o.onCbwError ?? 'break-snapshot') as BackupRequest['onCbwError'],
+    targetIsZero: !!o.targetIsZero,
+  };
+}

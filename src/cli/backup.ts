@@ -1,0 +1,175 @@
+// `nbd-cbw backup start|status|pause|resume|cancel|wait|set-speed`: drive
+// backup jobs of a running `nbd-cbw serve` over its control API.
+
+import fs from 'node:fs';
+import type { Command } from 'commander';
+import cliProgress from 'cli-progress';
+import { controlRequest, parseControlAddress, type ControlAddress } from '../control/server';
+import type { JobStatus } from '../jobs/job';
+import { addBackupOptions, toBackupRequest, type BackupCliOptions } from './backup-options';
+import { die, errorMessage } from './log';
+import { formatSize, parseSize } from './sizes';
+
+interface ControlCliOptions {
+  control?: string;
+  controlTokenFile?: string;
+  json?: boolean;
+}
+
+function addControlOptions(cmd: Command): Command {
+  return cmd
+    .option('--control <ADDR>', 'control API of the nbd-cbw serving the disk (default: $NBD_CBW_CONTROL)')
+    .option('--control-token-file <FILE>', 'bearer token for a TCP control API');
+}
+
+function connection(o: ControlCliOptions): { addr: ControlAddress; token?: string } {
+  const text = o.control ?? process.env.NBD_CBW_CONTROL;
+  if (!text) die('no control address: pass --control ADDR or set NBD_CBW_CONTROL (it is set for --run commands)');
+  try {
+    const token = o.controlTokenFile ? fs.readFileSync(o.controlTokenFile, 'utf8').trim() : undefined;
+    return { addr: parseControlAddress(text), token };
+  } catch (e) {
+    die(errorMessage(e));
+  }
+}
+
+async function call(o: ControlCliOptions, method: string, path: string, body?: unknown): Promise<JobStatus> {
+  const { addr, token } = connection(o);
+  let r;
+  try {
+    r = await controlRequest(addr, method, path, body, token);
+  } catch (e) {
+    die(errorMessage(e));
+  }
+  if (r.status >= 400) {
+    const msg = (r.body as { error?: string })?.error ?? JSON.stringify(r.body);
+    die(msg);
+  }
+  return r.body as JobStatus;
+}
+
+function jobPath(job: string | undefined, action = ''): string {
+  return `/v1/jobs/${encodeURIComponent(job ?? 'current')}${action ? `/${action}` : ''}`;
+}
+
+export function describeStatus(s: JobStatus): string {
+  const pct = s.bytesTotal > 0 ? ((100 * s.bytesDone) / s.bytesTotal).toFixed(1) : '100.0';
+  const lines = [
+    `job ${s.id}: ${s.state}${s.error ? ` (${s.error})` : ''}`,
+    `  target:   ${s.target}`,
+    `  progress: ${formatSize(s.bytesDone)} of ${formatSize(s.bytesTotal)} (${pct}%), ` +
+      `${formatSize(s.bytesCopied)} copied, ${formatSize(s.bytesSkipped)} skipped as zero`,
+    `  buffer:   ${formatSize(s.bufferBytes)} of ${formatSize(s.bufferCapacity)} (peak ${formatSize(s.bufferHighWater)})` +
+      (s.spillBytes ? `, spill ${formatSize(s.spillBytes)}` : ''),
+    `  rate:     ${formatSize(s.rate)}/s${s.etaSeconds !== null ? `, ETA ${s.etaSeconds}s` : ''}` +
+      (s.speedLimit ? `, limit ${formatSize(s.speedLimit)}/s` : ''),
+  ];
+  return lines.join('\n');
+}
+
+const TERMINAL = new Set(['completed', 'failed', 'cancelled']);
+
+export function registerBackup(program: Command): void {
+  const backup = program
+    .command('backup')
+    .summary('start and control backup jobs on a running nbd-cbw serve')
+    .description(
+      'Start and control backup jobs. The control address comes from --control or the\n' +
+        'NBD_CBW_CONTROL environment variable (set for `serve --run` commands). JOB is a\n' +
+        'job id; by default the export\'s current or latest job.',
+    );
+
+  const start = backup
+    .command('start')
+    .description('start a backup: the target ends up holding the disk exactly as it is now')
+    .requiredOption('-t, --target <TARGET>', 'file:PATH, nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH')
+    .option('--json', 'print the job as JSON');
+  addBackupOptions(start);
+  addControlOptions(start);
+  start.action(async (o: BackupCliOptions & ControlCliOptions & { target: string }) => {
+    let req;
+    try {
+      req = toBackupRequest(o.target, o);
+    } catch (e) {
+      die(errorMessage(e));
+    }
+    const s = await call(o, 'POST', '/v1/jobs', req);
+    console.log(o.json ? JSON.stringify(s) : `started backup job ${s.id} to ${s.target}`);
+  });
+
+  const status = backup.command('status [JOB]').description('show a job').option('--json', 'print one JSON object');
+  addControlOptions(status);
+  status.action(async (job: string | undefined, o: ControlCliOptions) => {
+    const s = await call(o, 'GET', jobPath(job));
+    console.log(o.json ? JSON.stringify(s) : describeStatus(s));
+  });
+
+  for (const [name, text] of [
+    ['pause', 'pause the background copy (guest writes are still protected)'],
+    ['resume', 'resume a paused job'],
+    ['cancel', 'cancel a job; the target is left incomplete'],
+  ] as const) {
+    const c = backup.command(`${name} [JOB]`).description(text).option('--json', 'print the job as JSON');
+    addControlOptions(c);
+    c.action(async (job: string | undefined, o: ControlCliOptions) => {
+      const s = await call(o, 'POST', jobPath(job, name));
+      console.log(o.json ? JSON.stringify(s) : `job ${s.id}: ${s.state}`);
+    });
+  }
+
+  const speed = backup
+    .command('set-speed <SPEED> [JOB]')
+    .description('limit the background copy to SPEED bytes/s (K, M, G suffixes); 0 = unlimited')
+    .option('--json', 'print the job as JSON');
+  addControlOptions(speed);
+  speed.action(async (text: string, job: string | undefined, o: ControlCliOptions) => {
+    let bytesPerSecond;
+    try {
+      bytesPerSecond = parseSize(text, 'speed');
+    } catch (e) {
+      die(errorMessage(e));
+    }
+    const s = await call(o, 'POST', jobPath(job, 'speed'), { bytesPerSecond });
+    console.log(o.json ? JSON.stringify(s) : `job ${s.id}: speed limit ${bytesPerSecond ? `${formatSize(bytesPerSecond)}/s` : 'none'}`);
+  });
+
+  const wait = backup
+    .command('wait [JOB]')
+    .description('wait for a job to end, with a progress bar on a terminal; exits 0 only if it completed')
+    .option('--json', 'print a JSON line per second instead of a progress bar')
+    .option('--interval <MS>', 'polling interval in milliseconds', '1000');
+  addControlOptions(wait);
+  wait.action(async (job: string | undefined, o: ControlCliOptions & { interval: string }) => {
+    const first = await call(o, 'GET', jobPath(job));
+    const id = first.id; // follow this job even if another starts later
+    const interval = Math.max(50, Number(o.interval) || 1000);
+    const bar =
+      !o.json && process.stderr.isTTY
+        ? new cliProgress.SingleBar(
+            {
+              format: 'backup |{bar}| {percentage}% {done}/{total} {rate}/s ETA {eta_formatted} buffer {buffer}',
+              hideCursor: true,
+              stream: process.stderr,
+            },
+            cliProgress.Presets.shades_classic,
+          )
+        : null;
+    bar?.start(first.bytesTotal, first.bytesDone);
+    let s = first;
+    for (;;) {
+      if (o.json) console.log(JSON.stringify(s));
+      bar?.update(s.bytesDone, {
+        done: formatSize(s.bytesDone),
+        total: formatSize(s.bytesTotal),
+        rate: formatSize(s.rate),
+        buffer: formatSize(s.bufferBytes),
+      });
+      if (TERMINAL.has(s.state)) break;
+      await new Promise((r) => setTimeout(r, interval));
+      s = await call(o, 'GET', jobPath(id));
+    }
+    bar?.stop();
+    if (!o.json) console.error(describeStatus(s));
+    process.exit(s.state === 'completed' ? 0 : 1);
+  });
+}

@@ -1,0 +1,247 @@
+// The control API: HTTP + JSON, on a unix socket (mode 0600) by default, or
+// on TCP with a bearer token. Routes:
+//   GET  /v1/jobs                     all jobs of the export, oldest first
+//   POST /v1/jobs                     start a backup: BackupRequest as JSON
+//   GET  /v1/jobs/:id                 one job (:id may be "current"/"latest")
+//   POST /v1/jobs/:id/pause|resume|cancel
+//   POST /v1/jobs/:id/speed           {"bytesPerSecond": N}, 0 = unlimited
+//   GET  /v1/export                   name and size of the export
+//   GET  /metrics                     Prometheus text, when metrics are on
+
+import fs from 'node:fs';
+import http from 'node:http';
+import crypto from 'node:crypto';
+import type { AddressInfo } from 'node:net';
+import { JobManager, RequestError, type BackupRequest } from '../jobs/job';
+
+export interface ControlAddress {
+  socketPath?: string;
+  host?: string;
+  port?: number;
+}
+
+/** ADDR is a unix socket path (unix:PATH or anything with a '/'), or HOST:PORT. */
+export function parseControlAddress(text: string): ControlAddress {
+  if (text.startsWith('unix:')) return { socketPath: text.slice(5) };
+  if (text.includes('/')) return { socketPath: text };
+  const m = /^(?:tcp:)?(\[[^\]]+\]|[^:]+):(\d+)$/.exec(text);
+  if (!m) throw new Error(`bad control address "${text}": use a socket path, unix:PATH, or HOST:PORT`);
+  const port = Number(m[2]);
+  if (port > 65535) throw new Error(`bad control address "${text}": port out of range`);
+  return { host: m[1].replace(/^\[|\]$/g, ''), port };
+}
+
+export function formatControlAddress(a: ControlAddress): string {
+  if (a.socketPath) return `unix:${a.socketPath}`;
+  return `${a.host?.includes(':') ? `[${a.host}]` : a.host}:${a.port}`;
+}
+
+export interface ControlServerOptions {
+  exportName: string;
+  jobs: JobManager;
+  token?: string;
+  metrics?: () => Promise<{ contentType: string; body: string }>;
+  log?: (m: string) => void;
+}
+
+const MAX_BODY = 64 * 1024;
+
+export class ControlServer {
+  private readonly server: http.Server;
+  private address: ControlAddress | null = null;
+
+  constructor(private readonly opts: ControlServerOptions) {
+    this.server = http.createServer((req, res) => {
+      this.handle(req, res).catch((e: unknown) => {
+        const status = e instanceof RequestError ? e.status : 500;
+        sendJson(res, status, { error: e instanceof Error ? e.message : String(e) });
+      });
+    });
+    this.server.headersTimeout = 10_000;
+    this.server.requestTimeout = 30_000;
+  }
+
+  async listen(addr: ControlAddress): Promise<ControlAddress> {
+    if (!addr.socketPath && !this.opts.token) {
+      throw new Error('a TCP control address needs --control-token-file (anyone on the network could cancel backups)');
+    }
+    if (addr.socketPath) {
+      try {
+        if (fs.statSync(addr.socketPath).isSocket()) fs.unlinkSync(addr.socketPath);
+      } catch {
+        // no stale socket
+      }
+    }
+    await new Promise<void>((resolve, reject) => {
+      this.server.once('error', reject);
+      const done = () => {
+        this.server.off('error', reject);
+        resolve();
+      };
+      if (addr.socketPath) {
+        // Created 0600: only the owner may drive backups.
+        const old = process.umask(0o177);
+        try {
+          this.server.listen(addr.socketPath, done);
+        } finally {
+          process.umask(old);
+        }
+      } else this.server.listen(addr.port, addr.host, done);
+    });
+    if (addr.socketPath) fs.chmodSync(addr.socketPath, 0o600);
+    const bound = this.server.address();
+    this.address = addr.socketPath ? addr : { host: addr.host, port: (bound as AddressInfo).port };
+    return this.address;
+  }
+
+  async close(): Promise<void> {
+    await new Promise<void>((r) => this.server.close(() => r()));
+    this.server.closeAllConnections?.();
+    if (this.address?.socketPath) fs.rmSync(this.address.socketPath, { force: true });
+  }
+
+  private authorized(req: http.IncomingMessage): boolean {
+    if (!this.opts.token) return true;
+    const got = Buffer.from(req.headers.authorization ?? '');
+    const want = Buffer.from(`Bearer ${this.opts.token}`);
+    return got.length === want.length && crypto.timingSafeEqual(got, want);
+  }
+
+  private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+    if (!this.authorized(req)) return sendJson(res, 401, { error: 'missing or wrong bearer token' });
+    const url = new URL(req.url ?? '/', 'http://control');
+    const parts = url.pathname.split('/').filter(Boolean);
+    const method = req.method ?? 'GET';
+    const jobs = this.opts.jobs;
+
+    if (url.pathname === '/metrics' && method === 'GET') {
+      if (!this.opts.metrics) return sendJson(res, 404, { error: 'metrics are not enabled' });
+      const m = await this.opts.metrics();
+      res.writeHead(200, { 'content-type': m.contentType });
+      res.end(m.body);
+      return;
+    }
+    if (parts[0] !== 'v1') return sendJson(res, 404, { error: `no route ${url.pathname}` });
+    if (parts[1] === 'export' && parts.length === 2 && method === 'GET') {
+      return sendJson(res, 200, { name: this.opts.exportName, size: jobs.filter.size });
+    }
+    if (parts[1] !== 'jobs') return sendJson(res, 404, { error: `no route ${url.pathname}` });
+    if (parts.length === 2) {
+      if (method === 'GET') return sendJson(res, 200, jobs.list().map((j) => j.status()));
+      if (method === 'POST') {
+        const body = (await readJson(req)) as BackupRequest;
+        const job = await jobs.start(body);
+        this.opts.log?.(`backup ${job.id} started to ${body.target}`);
+        return sendJson(res, 201, job.status());
+      }
+      return sendJson(res, 405, { error: `${method} not allowed on /v1/jobs` });
+    }
+    const job = jobs.find(decodeURIComponent(parts[2]));
+    if (!job) return sendJson(res, 404, { error: `no job "${parts[2]}"` });
+    if (parts.length === 3) {
+      if (method !== 'GET') return sendJson(res, 405, { error: `${method} not allowed here` });
+      return sendJson(res, 200, job.status());
+    }
+    if (parts.length === 4 && method === 'POST') {
+      const active = job.engine.isIntercepting;
+      switch (parts[3]) {
+        case 'pause':
+          if (!active) return sendJson(res, 409, { error: `job is ${job.status().state}` });
+          job.engine.pause();
+          return sendJson(res, 200, job.status());
+        case 'resume':
+          if (!active) return sendJson(res, 409, { error: `job is ${job.status().state}` });
+          job.engine.resume();
+          return sendJson(res, 200, job.status());
+        case 'cancel':
+          if (!active) return sendJson(res, 409, { error: `job is ${job.status().state}` });
+          job.engine.cancel();
+          return sendJson(res, 200, job.status());
+        case 'speed': {
+          const body = (await readJson(req)) as { bytesPerSecond?: unknown };
+          const v = body.bytesPerSecond;
+          if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) {
+            return sendJson(res, 400, { error: '"bytesPerSecond" must be a non-negative integer' });
+          }
+          job.engine.setSpeed(v);
+          return sendJson(res, 200, job.status());
+        }
+      }
+    }
+    return sendJson(res, 404, { error: `no route ${method} ${url.pathname}` });
+  }
+}
+
+function sendJson(res: http.ServerResponse, status: number, body: unknown): void {
+  const text = JSON.stringify(body);
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) });
+  res.end(text);
+}
+
+async function readJson(req: http.IncomingMessage): Promise<unknown> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of req) {
+    size += (chunk as Buffer).length;
+    if (size > MAX_BODY) throw new RequestError(413, 'request body too large');
+    chunks.push(chunk as Buffer);
+  }
+  const text = Buffer.concat(chunks).toString('utf8');
+  if (!text) return {};
+  try {
+    const v = JSON.parse(text) as unknown;
+    if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new Error('not an object');
+    return v;
+  } catch {
+    throw new RequestError(400, 'request body is not a JSON object');
+  }
+}
+
+/** A client for the control API, used by `nbd-cbw backup ...`. */
+export async function controlRequest(
+  addr: ControlAddress,
+  method: string,
+  path: string,
+  body?: unknown,
+  token?: string,
+): Promise<{ status: number; body: unknown }> {
+  return new Promise((resolve, reject) => {
+    const payload = body === undefined ? undefined : JSON.stringify(body);
+    const req = http.request(
+      {
+        socketPath: addr.socketPath,
+        host: addr.host,
+        port: addr.port,
+        method,
+        path,
+        headers: {
+          ...(payload && { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) }),
+          ...(token && { authorization: `Bearer ${token}` }),
+        },
+        timeout: 30_000,
+      },
+      (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (c: Buffer) => chunks.push(c));
+        res.on('end', () => {
+          const text = Buffer.concat(chunks).toString('utf8');
+          let parsed: unknown = text;
+          try {
+            parsed = JSON.parse(text);
+          } catch {
+            // not JSON: keep the text
+          }
+          resolve({ status: res.statusCode ?? 0, body: parsed });
+        });
+      },
+    );
+    req.on('timeout', () => req.destroy(new Error('control request timed out')));
+    req.on('error', (e: NodeJS.ErrnoException) => {
+      const where = formatControlAddress(addr);
+      if (e.code === 'ENOENT' || e.code === 'ECONNREFUSED') reject(new Error(`no nbd-cbw control API at ${where} (${e.code})`));
+      else reject(new Error(`control API at ${where}: ${e.message}`));
+    });
+    if (payload) req.write(payload);
+    req.end();
+  });
+}

@@ -1,0 +1,377 @@
+// The cow buffer: old cluster contents saved for guest writes, waiting to be
+// written to the (slow) target. Guests wait only for a place in here.
+//
+// Where a run's bytes live:
+//   ram     in `data`, counted against the RAM budget
+//   spill   in the spill file at `slots` (cluster-sized slots), when RAM was
+//           full and a spill directory was given; slots are punched out and
+//           reused once the run reaches the target
+//   zero    nothing held: the run read back as zeros
+//
+// Runs leave oldest-first. A writer takes the oldest queued run and joins
+// the queued runs that touch it on either side, up to the largest write, so
+// the target sees few large requests. A failed write is retried from the
+// buffered bytes with backoff, never by re-reading the source.
+
+import fs from 'node:fs';
+import path from 'node:path';
+import { loadFileOps } from '../device/native';
+import type { BackupTarget } from '../targets/types';
+import { Budget, Deferred, backoffMs, sleep } from './sync';
+
+export interface BufferedRun {
+  offset: number;
+  length: number;
+  where: 'ram' | 'spill' | 'zero';
+  data: Buffer | null;
+  slots: number[] | null;
+  writing: boolean;
+  /** Gives back the memory this run was counted against, once. */
+  release: (() => void) | null;
+  /** Settled when the run reached the target (or the buffer stopped). */
+  written: (() => void) | null;
+}
+
+export interface RunToAdd {
+  offset: number;
+  length: number;
+  where: 'ram' | 'spill' | 'zero';
+  data: Buffer | null;
+  release?: () => void;
+  written?: () => void;
+}
+
+export interface CowBufferOptions {
+  ramBytes: number;
+  spillDir?: string;
+  clusterSize: number;
+  /** Largest target write after coalescing. */
+  maxWrite: number;
+  /** Target writes in flight at once. */
+  writers: number;
+  /** Attempts per target write before the job fails. */
+  retryAttempts: number;
+  retryBaseMs: number;
+  retryMaxMs: number;
+}
+
+export interface CowBufferEvents {
+  /** Bytes reached the target (data or zeroes). */
+  written(bytes: number, seconds: number, zero: boolean): void;
+  retry(error: Error): void;
+  /** A write failed for good: the job must fail. */
+  fatal(error: Error): void;
+}
+
+export class CowBuffer {
+  readonly ram: Budget;
+  private readonly queue = new Set<BufferedRun>();
+  private readonly byStart = new Map<number, BufferedRun>();
+  private readonly byEnd = new Map<number, BufferedRun>();
+  private activeWriters = 0;
+  private spillFd: number | null = null;
+  private spillNextSlot = 0;
+  private readonly spillFree: number[] = [];
+  private spillUsed = 0;
+  /** Spill-file operations in flight (writes, reads, punches). */
+  private spillPending = 0;
+  private spillClosing = false;
+  private ramHighWater = 0;
+  private stopped = false;
+  private emptyWaiters: Deferred[] = [];
+
+  constructor(
+    private readonly target: BackupTarget,
+    private readonly opts: CowBufferOptions,
+    private readonly events: CowBufferEvents,
+  ) {
+    this.ram = new Budget(opts.ramBytes);
+  }
+
+  get ramCapacity(): number {
+    return this.opts.ramBytes;
+  }
+  get ramUsed(): number {
+    return this.ram.inUse;
+  }
+  get spillBytes(): number {
+    return this.spillUsed;
+  }
+  get highWater(): number {
+    return this.ramHighWater;
+  }
+  get queuedRuns(): number {
+    return this.queue.size;
+  }
+  get hasSpill(): boolean {
+    return this.opts.spillDir !== undefined;
+  }
+  /** With no RAM and no spill, guests wait for target writes (the slow case). */
+  get isDirect(): boolean {
+    return this.opts.ramBytes === 0 && !this.hasSpill;
+  }
+
+  /**
+   * Room for `bytes` of saved data: RAM if it fits now, else the spill file,
+   * else wait for RAM (the guest waits; its CBW timeout bounds that).
+   */
+  async reserve(bytes: number): Promise<'ram' | 'spill'> {
+    if (this.opts.ramBytes > 0 && this.ram.tryAcquire(bytes)) return this.noteRam('ram');
+    if (this.hasSpill) return 'spill';
+    await this.ram.acquire(bytes);
+    return this.noteRam('ram');
+  }
+
+  private noteRam(r: 'ram'): 'ram' {
+    this.ramHighWater = Math.max(this.ramHighWater, this.ram.inUse);
+    return r;
+  }
+
+  /** Give back a reservation that was not used (the read failed or was zero). */
+  unreserve(where: 'ram' | 'spill', bytes: number): void {
+    if (where === 'ram') this.ram.release(bytes);
+  }
+
+  /**
+   * Store a saved run. RAM runs come with the `release` of whatever budget
+   * they were counted against; spill runs are written to the spill file
+   * before this resolves (the guest may go on only then).
+   */
+  async add(r: RunToAdd): Promise<void> {
+    const run: BufferedRun = {
+      offset: r.offset,
+      length: r.length,
+      where: r.where,
+      data: r.data,
+      slots: null,
+      writing: false,
+      release: r.release ?? null,
+      written: r.written ?? null,
+    };
+    if (run.where === 'spill') {
+      run.slots = await this.spillWrite(run.data as Buffer);
+      run.data = null;
+    }
+    if (this.stopped) {
+      this.free(run);
+      return;
+    }
+    this.queue.add(run);
+    this.byStart.set(run.offset, run);
+    this.byEnd.set(run.offset + run.length, run);
+    this.pump();
+  }
+
+  /** Resolves when nothing is queued or being written. */
+  whenEmpty(): Promise<void> {
+    if (this.queue.size === 0) return Promise.resolve();
+    const d = new Deferred();
+    this.emptyWaiters.push(d);
+    return d.promise;
+  }
+
+  /** Drop everything (job failed or cancelled): frees RAM and the spill file. */
+  stop(reason: Error): void {
+    this.stopped = true;
+    for (const run of this.queue) this.free(run);
+    this.queue.clear();
+    this.byStart.clear();
+    this.byEnd.clear();
+    this.ram.abort(reason);
+    for (const d of this.emptyWaiters.splice(0)) d.resolve();
+    this.closeSpill();
+  }
+
+  private pump(): void {
+    while (!this.stopped && this.activeWriters < this.opts.writers) {
+      const group = this.takeGroup();
+      if (!group) break;
+      this.activeWriters++;
+      void this.writeGroup(group).finally(() => {
+        this.activeWriters--;
+        if (this.queue.size === 0) for (const d of this.emptyWaiters.splice(0)) d.resolve();
+        this.pump();
+      });
+    }
+  }
+
+  /** The oldest queued run plus its queued neighbours on both sides. */
+  private takeGroup(): BufferedRun[] | null {
+    let first: BufferedRun | null = null;
+    for (const r of this.queue) {
+      if (!r.writing) {
+        first = r;
+        break;
+      }
+    }
+    if (!first) return null;
+    const zero = first.where === 'zero';
+    const fits = (r: BufferedRun | undefined, total: number): r is BufferedRun =>
+      !!r && !r.writing && (r.where === 'zero') === zero && (zero || total + r.length <= this.opts.maxWrite);
+    const group = [first];
+    let total = first.length;
+    first.writing = true;
+    for (let prev = this.byEnd.get(first.offset); fits(prev, total); prev = this.byEnd.get(prev.offset)) {
+      prev.writing = true;
+      group.unshift(prev);
+      total += prev.length;
+    }
+    for (let next = this.byStart.get(first.offset + first.length); fits(next, total); next = this.byStart.get(next.offset + next.length)) {
+      next.writing = true;
+      group.push(next);
+      total += next.length;
+    }
+    return group;
+  }
+
+  private async writeGroup(group: BufferedRun[]): Promise<void> {
+    const offset = group[0].offset;
+    const length = group.reduce((n, r) => n + r.length, 0);
+    const zero = group[0].where === 'zero';
+    for (let attempt = 0; ; attempt++) {
+      if (this.stopped) return;
+      const started = process.hrtime.bigint();
+      try {
+        if (zero) await this.target.writeZeroes(offset, length);
+        else await this.target.write(offset, await Promise.all(group.map((r) => this.bytesOf(r))));
+        this.events.written(length, Number(process.hrtime.bigint() - started) / 1e9, zero);
+        break;
+      } catch (e) {
+        const err = e instanceof Error ? e : new Error(String(e));
+        if (this.stopped) return;
+        if (attempt + 1 >= this.opts.retryAttempts) {
+          this.events.fatal(new Error(`target write at ${offset}+${length} failed after ${attempt + 1} attempts: ${err.message}`));
+          return;
+        }
+        this.events.retry(err);
+        await sleep(backoffMs(attempt, this.opts.retryBaseMs, this.opts.retryMaxMs));
+      }
+    }
+    for (const r of group) {
+      this.queue.delete(r);
+      this.byStart.delete(r.offset);
+      this.byEnd.delete(r.offset + r.length);
+      this.free(r);
+    }
+  }
+
+  private async bytesOf(run: BufferedRun): Promise<Buffer> {
+    if (run.where === 'ram') return run.data as Buffer;
+    return this.spillRead(run.slots as number[], run.length);
+  }
+
+  /** A reservation made with reserve() released as a run's `release`. */
+  ramRelease(bytes: number): () => void {
+    return () => this.ram.release(bytes);
+  }
+
+  private free(run: BufferedRun): void {
+    run.release?.();
+    run.release = null;
+    if (run.where === 'spill' && run.slots) this.spillRelease(run.slots);
+    run.data = null;
+    run.slots = null;
+    run.written?.();
+    run.written = null;
+  }
+
+  // ------------------------------------------------------------ spill file
+
+  private openSpill(): number {
+    if (this.spillFd !== null) return this.spillFd;
+    const dir = this.opts.spillDir as string;
+    const p = path.join(dir, `nbd-cbw-spill-${process.pid}-${Date.now()}`);
+    this.spillFd = fs.openSync(p, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
+    // Unlinked at once: the space goes away with the process, even on a crash.
+    fs.unlinkSync(p);
+    return this.spillFd;
+  }
+
+  private async spillWrite(data: Buffer): Promise<number[]> {
+    const fd = this.openSpill();
+    const cs = this.opts.clusterSize;
+    const slots: number[] = [];
+    const writes: Promise<void>[] = [];
+    for (let at = 0; at < data.length; at += cs) {
+      const slot = this.spillFree.pop() ?? this.spillNextSlot++;
+      slots.push(slot);
+      const piece = data.subarray(at, Math.min(data.length, at + cs));
+      this.spillPending++;
+      writes.push(
+        new Promise<void>((resolve, reject) =>
+          fs.write(fd, piece, 0, piece.length, slot * cs, (e) => (e ? reject(e) : resolve())),
+        ).finally(() => this.spillOpDone()),
+      );
+    }
+    this.spillUsed += data.length;
+    try {
+      await Promise.all(writes);
+    } catch (e) {
+      this.spillRelease(slots);
+      throw new Error(`spill file write failed: ${(e as Error).message}`);
+    }
+    return slots;
+  }
+
+  private spillRead(slots: number[], length: number): Promise<Buffer> {
+    const fd = this.spillFd as number;
+    const cs = this.opts.clusterSize;
+    const out = Buffer.allocUnsafe(length);
+    return Promise.all(
+      slots.map(
+        (slot, i) =>
+          new Promise<void>((resolve, reject) => {
+            const n = Math.min(cs, length - i * cs);
+            this.spillPending++;
+            fs.read(fd, out, i * cs, n, slot * cs, (e) => {
+              this.spillOpDone();
+              if (e) reject(e);
+              else resolve();
+            });
+          }),
+      ),
+    ).then(() => out);
+  }
+
+  private spillRelease(slots: number[]): void {
+    const cs = this.opts.clusterSize;
+    this.spillUsed -= Math.min(this.spillUsed, slots.length * cs);
+    if (this.spillFd === null) return;
+    const fd = this.spillFd;
+    for (const s of slots) {
+      // Give the disk space back. The slot is reused only after the punch
+      // finished, or a late punch could wipe newer data in it.
+      this.spillPending++;
+      loadFileOps()
+        .punchHole(fd, s * cs, cs)
+        .catch(() => undefined)
+        .finally(() => {
+          this.spillFree.push(s);
+          this.spillOpDone();
+        });
+    }
+  }
+
+  /**
+   * Close the spill file once no I/O on it is pending: closing earlier could
+   * let the descriptor number be reused by another file that a late punch
+   * or write would then hit.
+   */
+  private closeSpill(): void {
+    this.spillClosing = true;
+    this.maybeCloseSpill();
+  }
+
+  private spillOpDone(): void {
+    this.spillPending--;
+    this.maybeCloseSpill();
+  }
+
+  private maybeCloseSpill(): void {
+    if (this.spillClosing && this.spillPending === 0 && this.spillFd !== null) {
+      const fd = this.spillFd;
+      this.spillFd = null;
+      fs.close(fd, () => undefined);
+    }
+  }
+}

@@ -1,0 +1,119 @@
+// Small async primitives the copy engine is built from.
+
+/** A promise with its resolve/reject exposed. */
+export class Deferred<T = void> {
+  readonly promise: Promise<T>;
+  resolve!: (v: T) => void;
+  reject!: (e: Error) => void;
+  settled = false;
+  constructor() {
+    this.promise = new Promise<T>((res, rej) => {
+      this.resolve = (v) => {
+        this.settled = true;
+        res(v);
+      };
+      this.reject = (e) => {
+        this.settled = true;
+        rej(e);
+      };
+    });
+    // Rejections are observed by whoever awaits; never crash on an unawaited one.
+    this.promise.catch(() => undefined);
+  }
+}
+
+/** A counting budget (bytes, slots): acquire waits FIFO until there is room. */
+export class Budget {
+  private used = 0;
+  private readonly waiters: Array<{ n: number; d: Deferred }> = [];
+
+  constructor(private capacity: number) {}
+
+  get inUse(): number {
+    return this.used;
+  }
+
+  /** Take n now if it fits (an oversize request fits an empty budget). */
+  tryAcquire(n: number): boolean {
+    if (this.waiters.length === 0 && (this.used + n <= this.capacity || this.used === 0)) {
+      this.used += n;
+      return true;
+    }
+    return false;
+  }
+
+  acquire(n: number): Promise<void> {
+    if (this.tryAcquire(n)) return Promise.resolve();
+    const d = new Deferred();
+    this.waiters.push({ n, d });
+    return d.promise;
+  }
+
+  release(n: number): void {
+    this.used -= n;
+    this.wake();
+  }
+
+  setCapacity(c: number): void {
+    this.capacity = c;
+    this.wake();
+  }
+
+  /** Fail everyone waiting (the job ended). */
+  abort(e: Error): void {
+    for (const w of this.waiters.splice(0)) w.d.reject(e);
+  }
+
+  private wake(): void {
+    while (this.waiters.length > 0) {
+      const w = this.waiters[0];
+      if (this.used + w.n > this.capacity && this.used !== 0) break;
+      this.waiters.shift();
+      this.used += w.n;
+      w.d.resolve();
+    }
+  }
+}
+
+/** Token bucket for a bytes/second limit; 0 means unlimited. */
+export class RateLimiter {
+  private allowance = 0;
+  private last = Date.now();
+
+  constructor(private bytesPerSecond: number) {}
+
+  set rate(v: number) {
+    this.bytesPerSecond = v;
+  }
+
+  get rate(): number {
+    return this.bytesPerSecond;
+  }
+
+  /** Resolves when `bytes` may be sent; waits are bounded by the bucket size. */
+  async take(bytes: number, isCancelled: () => boolean): Promise<void> {
+    for (;;) {
+      if (this.bytesPerSecond <= 0 || isCancelled()) return;
+      const now = Date.now();
+      // Allow bursts of at most one second's worth.
+      this.allowance = Math.min(this.bytesPerSecond, this.allowance + ((now - this.last) / 1000) * this.bytesPerSecond);
+      this.last = now;
+      if (this.allowance >= bytes || this.allowance >= this.bytesPerSecond) {
+        this.allowance -= bytes;
+        return;
+      }
+      const waitMs = Math.min(1000, ((bytes - this.allowance) / this.bytesPerSecond) * 1000);
+      await sleep(Math.max(1, waitMs));
+    }
+  }
+}
+
+export function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+/** Exponential backoff with jitter: base * 2^attempt, capped. */
+export function backoffMs(attempt: number, baseMs: number, maxMs: number): number {
+  const exp = Math.min(maxMs, baseMs * 2 ** attempt);
+  return exp / 2 + Math.random() * (exp / 2);
+}

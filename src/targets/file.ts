@@ -1,0 +1,94 @@
+// file:PATH target: a raw image. A new file is created sparse at the disk's
+// size and so reads as zeros; an existing file must be at least that size
+// and is only trusted to read as zeros with --target-is-zero.
+
+import fs from 'node:fs';
+import { loadFileOps } from '../device/native';
+import type { BackupTarget, TargetOpenOptions } from './types';
+
+export class FileTarget implements BackupTarget {
+  readonly maxWrite = 32 * 1024 * 1024;
+  private closed = false;
+
+  private constructor(
+    private readonly fd: number,
+    readonly description: string,
+    readonly readsAsZero: boolean,
+  ) {}
+
+  static async open(path: string, opts: TargetOpenOptions): Promise<FileTarget> {
+    let fd: number;
+    let created = false;
+    try {
+      fd = fs.openSync(path, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o644);
+      created = true;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') {
+        throw new Error(`cannot create target file ${path}: ${(e as Error).message}`);
+      }
+      try {
+        fd = fs.openSync(path, fs.constants.O_RDWR);
+      } catch (e2) {
+        throw new Error(`cannot open target file ${path}: ${(e2 as Error).message}`);
+      }
+    }
+    const st = fs.fstatSync(fd);
+    if (created) {
+      fs.ftruncateSync(fd, opts.size);
+    } else if (st.isFile() && st.size < opts.size) {
+      fs.closeSync(fd);
+      throw new Error(`target file ${path} is ${st.size} bytes, smaller than the ${opts.size}-byte disk`);
+    } else if (st.isFile() && st.size === 0) {
+      fs.ftruncateSync(fd, opts.size);
+      created = true;
+    }
+    return new FileTarget(fd, `file ${path}`, created || !!opts.targetIsZero);
+  }
+
+  write(offset: number, data: readonly Buffer[]): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const total = data.reduce((n, b) => n + b.length, 0);
+      const go = (bufs: readonly Buffer[], at: number, left: number) => {
+        fs.writev(this.fd, bufs as Buffer[], at, (err, written) => {
+          if (err) return reject(err);
+          if (written === left) return resolve();
+          // Short write: continue after what was written.
+          let skip = written;
+          const rest: Buffer[] = [];
+          for (const b of bufs) {
+            if (skip >= b.length) skip -= b.length;
+            else {
+              rest.push(skip ? b.subarray(skip) : b);
+              skip = 0;
+            }
+          }
+          go(rest, at + written, left - written);
+        });
+      };
+      go(data, offset, total);
+    });
+  }
+
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    try {
+      await loadFileOps().punchHole(this.fd, offset, length);
+      return;
+    } catch {
+      // no hole punching here: write zeros
+    }
+    const zeros = Buffer.alloc(Math.min(length, 1024 * 1024));
+    for (let at = 0; at < length; at += zeros.length) {
+      await this.write(offset + at, [zeros.subarray(0, Math.min(zeros.length, length - at))]);
+    }
+  }
+
+  commit(): Promise<void> {
+    return new Promise((resolve, reject) => fs.fdatasync(this.fd, (e) => (e ? reject(e) : resolve())));
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    fs.closeSync(this.fd);
+  }
+}

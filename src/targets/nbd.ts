@@ -1,0 +1,68 @@
+// nbd:// and nbd+unix:// targets (nbdkit, qemu-nbd, an rbd-backed export).
+
+import { NbdClient } from '../client/client';
+import { parseNbdUri } from '../client/uri';
+import type { BackupTarget, TargetOpenOptions } from './types';
+
+export class NbdTarget implements BackupTarget {
+  readonly description: string;
+  readonly maxWrite: number;
+
+  private constructor(
+    private readonly client: NbdClient,
+    readonly readsAsZero: boolean,
+  ) {
+    this.description = `nbd ${client.uri}`;
+    this.maxWrite = Math.min(client.blockSizes?.maximum || 32 * 1024 * 1024, 32 * 1024 * 1024);
+  }
+
+  static async open(uri: string, opts: TargetOpenOptions): Promise<NbdTarget> {
+    const client = await NbdClient.connect(parseNbdUri(uri), {
+      maxInFlight: opts.maxInFlight ?? 16,
+      baseAllocation: false,
+    });
+    if (client.transmissionFlags & 2) {
+      await client.close();
+      throw new Error(`target ${uri} is read-only`);
+    }
+    if (client.size < opts.size) {
+      await client.close();
+      throw new Error(`target ${uri} is ${client.size} bytes, smaller than the ${opts.size}-byte disk`);
+    }
+    return new NbdTarget(client, !!opts.targetIsZero);
+  }
+
+  async write(offset: number, data: readonly Buffer[]): Promise<void> {
+    const total = data.reduce((n, b) => n + b.length, 0);
+    if (total <= this.maxWrite) return this.client.write(offset, data);
+    const whole = data.length === 1 ? data[0] : Buffer.concat(data as Buffer[], total);
+    const parts: Promise<void>[] = [];
+    for (let at = 0; at < total; at += this.maxWrite) {
+      parts.push(this.client.write(offset + at, whole.subarray(at, Math.min(total, at + this.maxWrite))));
+    }
+    await Promise.all(parts);
+  }
+
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    const canZero = (this.client.transmissionFlags & (1 << 6)) !== 0;
+    const step = 1024 * 1024 * 1024; // lengths are 32-bit on the wire
+    for (let at = 0; at < length; at += step) {
+      const n = Math.min(step, length - at);
+      if (canZero) await this.client.zero(offset + at, n);
+      else {
+        const zeros = Buffer.alloc(Math.min(n, 4 * 1024 * 1024));
+        for (let k = 0; k < n; k += zeros.length) {
+          await this.client.write(offset + at + k, zeros.subarray(0, Math.min(zeros.length, n - k)));
+        }
+      }
+    }
+  }
+
+  async commit(): Promise<void> {
+    if (this.client.canFlush) await this.client.flush();
+  }
+
+  async close(): Promise<void> {
+    await this.client.close();
+  }
+}

@@ -1,0 +1,28 @@
+// Backup targets behind one small interface. The copy engine writes each
+// cluster's point-in-time content exactly once, in any order, and flushes
+// once at the end; a target need not support reads.
+
+export interface BackupTarget {
+  /** For logs and status: where the backup goes. */
+  readonly description: string;
+  /** True when unwritten ranges of the target already read as zeros. */
+  readonly readsAsZero: boolean;
+  /** Largest single write the target takes (the engine coalesces up to this). */
+  readonly maxWrite: number;
+  /** Data at `offset`, given as buffers to be written back to back (no concat). */
+  write(offset: number, data: readonly Buffer[]): Promise<void>;
+  /** Make [offset, offset+length) read as zeros. */
+  writeZeroes(offset: number, length: number): Promise<void>;
+  /** Durably commit everything written (the job completes only after this). */
+  commit(): Promise<void>;
+  /** Release resources; `completed` is false for failed or cancelled jobs. */
+  close(completed: boolean): Promise<void>;
+}
+
+export interface TargetOpenOptions {
+  /** Size of the disk being backed up. */
+  size: number;
+  /** The user says an existing target already reads as zeros (--target-is-zero). */
+  targetIsZero?: boolean;
+  maxInFlight?: number;
+}
