@@ -222,7 +222,13 @@ export function blockStatusChunk(
 }
 
 export function errorChunk(cookie: bigint, flags: number, error: number, message = '', offset?: number): Buffer {
-  const msg = Buffer.from(message, 'utf8').subarray(0, 4096);
+  let msg = Buffer.from(message, 'utf8');
+  if (msg.length > 4096) {
+    // Cut at a character boundary: the message must stay valid UTF-8.
+    let cut = 4096;
+    while (cut > 0 && (msg[cut] & 0xc0) === 0x80) cut--;
+    msg = msg.subarray(0, cut);
+  }
   const withOffset = offset !== undefined;
   const len = 6 + msg.length + (withOffset ? 8 : 0);
   const b = structuredReplyHeader(
