@@ -5,7 +5,9 @@ import os from 'node:os';
 import path from 'node:path';
 import type { Command } from 'commander';
 import { NbdServer, type ListenAddress } from '../server/server';
-import type { ExportSpec } from '../server/connection';
+import type { ConnectionObserver, ExportSpec } from '../server/connection';
+import http from 'node:http';
+import { Metrics } from '../metrics/metrics';
 import { openDevice } from '../device/open';
 import type { BlockDevice } from '../device/types';
 import { formatNbdUri } from '../client/uri';
@@ -63,6 +65,7 @@ export async function runServer(
   hooks: {
     onStarted?: (r: RunningServer) => Promise<Record<string, string> | void>;
     cleanup?: () => Promise<void>;
+    observer?: ConnectionObserver;
   } = {},
 ): Promise<never> {
   setVerbose(!!opts.verbose);
@@ -81,6 +84,7 @@ export async function runServer(
   const server = new NbdServer({
     exports: [exportSpec],
     maxConnections: Number(opts.maxConnections ?? 256),
+    observer: hooks.observer,
     log: opts.verbose ? (m) => debug(m) : undefined,
   });
   let bound;
@@ -139,6 +143,32 @@ export async function runServer(
   return new Promise<never>(() => undefined);
 }
 
+/** A plain HTTP listener for Prometheus: GET /metrics only. */
+async function serveMetrics(metrics: Metrics, addr: { host: string; port: number }): Promise<http.Server> {
+  const server = http.createServer((req, res) => {
+    if (req.method !== 'GET' || (req.url ?? '/').split('?')[0] !== '/metrics') {
+      res.writeHead(404, { 'content-type': 'text/plain' });
+      res.end('only GET /metrics here\n');
+      return;
+    }
+    metrics.render().then(
+      (m) => {
+        res.writeHead(200, { 'content-type': m.contentType });
+        res.end(m.body);
+      },
+      (e: unknown) => {
+        res.writeHead(500, { 'content-type': 'text/plain' });
+        res.end(`${errorMessage(e)}\n`);
+      },
+    );
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', (e) => reject(new Error(`cannot serve metrics on ${addr.host}:${addr.port}: ${e.message}`)));
+    server.listen(addr.port, addr.host, () => resolve());
+  });
+  return server;
+}
+
 /** The control socket lives next to the NBD socket, or in the temp dir. */
 function defaultControlPath(address: ListenAddress): string {
   if (address.socketPath) return `${address.socketPath}.ctl`;
@@ -157,6 +187,7 @@ export interface ServeOptions extends ListenOptions, BackupCliOptions {
   control?: string;
   controlTokenFile?: string;
   backupTo?: string;
+  metrics?: string | boolean;
 }
 
 export function registerServe(program: Command): void {
@@ -172,7 +203,9 @@ export function registerServe(program: Command): void {
     .option('-r, --readonly', 'export read-only')
     .option('--control <ADDR>', 'control API address: a unix socket path, or HOST:PORT (needs --control-token-file); default: SOCKET.ctl next to -U SOCKET, else a socket in the temp dir')
     .option('--control-token-file <FILE>', 'require this bearer token (file contents) on the control API')
-    .option('--backup-to <TARGET>', 'start a backup to TARGET (file:PATH, nbd://..., nbd+unix://...) as soon as the server is up');
+    .option('--backup-to <TARGET>', 'start a backup to TARGET (file:PATH, nbd://..., nbd+unix://...) as soon as the server is up')
+    .option('--metrics <ADDR>', 'also serve Prometheus /metrics on HOST:PORT (it is always on the control API)')
+    .option('--no-metrics', 'collect no metrics at all');
   addListenOptions(cmd);
   addBackupOptions(cmd);
   cmd.addHelpText(
@@ -201,15 +234,32 @@ export function registerServe(program: Command): void {
     } catch (e) {
       die(errorMessage(e));
     }
+    let metricsAddr: { host: string; port: number } | null = null;
+    if (typeof opts.metrics === 'string') {
+      const a = parseControlAddress(opts.metrics);
+      if (a.socketPath || a.host === undefined || a.port === undefined) die(`bad --metrics address "${opts.metrics}": use HOST:PORT`);
+      metricsAddr = { host: a.host, port: a.port };
+    }
     const source = await prepareServe(opts);
     const filter = new CbwFilter(source.device);
     const exportSpec: ExportSpec = { ...source, device: filter };
     const jobs = new JobManager(filter);
+    const metrics = opts.metrics === false ? null : new Metrics();
+    metrics?.watchExport(exportSpec.name, filter, jobs);
     let control: ControlServer | null = null;
+    let metricsServer: http.Server | null = null;
     await runServer(opts, exportSpec, {
+      observer: metrics?.connectionObserver(),
       onStarted: async ({ address }) => {
         const addr = controlAddr ?? { socketPath: defaultControlPath(address) };
-        control = new ControlServer({ exportName: exportSpec.name, jobs, token, log: (m) => debug(m) });
+        if (metrics && metricsAddr) metricsServer = await serveMetrics(metrics, metricsAddr);
+        control = new ControlServer({
+          exportName: exportSpec.name,
+          jobs,
+          token,
+          metrics: metrics ? () => metrics.render() : undefined,
+          log: (m) => debug(m),
+        });
         try {
           await control.listen(addr);
         } catch (e) {
@@ -233,6 +283,7 @@ export function registerServe(program: Command): void {
       cleanup: async () => {
         jobs.current?.engine.cancel();
         await (control as ControlServer | null)?.close();
+        (metricsServer as http.Server | null)?.close();
       },
     });
   });

@@ -61,6 +61,8 @@ export interface CowBufferEvents {
   retry(error: Error): void;
   /** A write failed for good: the job must fail. */
   fatal(error: Error): void;
+  /** A guest had to wait for RAM: the buffer was full and there is no spill file. */
+  fullWait(): void;
 }
 
 export class CowBuffer {
@@ -118,6 +120,7 @@ export class CowBuffer {
   async reserve(bytes: number): Promise<'ram' | 'spill'> {
     if (this.opts.ramBytes > 0 && this.ram.tryAcquire(bytes)) return this.noteRam('ram');
     if (this.hasSpill) return 'spill';
+    this.events.fullWait();
     await this.ram.acquire(bytes);
     return this.noteRam('ram');
   }

@@ -156,6 +156,7 @@ export class CopyEngine extends EventEmitter {
           this.emit('targetRetry', err);
         },
         fatal: (err) => this.fail(err),
+        fullWait: () => this.emit('bufferFullWait'),
       },
     );
     this.finished.promise.catch(() => undefined);

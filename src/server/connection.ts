@@ -334,6 +334,9 @@ export class NbdConnection {
     const { command, flags, offset, length } = msg;
     let allowedFlags = 0;
     let writes = false;
+    // With SEND_FUA the spec says the server MUST accept FUA on every command
+    // (ignoring it where nothing is written); old qemu sets it on FLUSH.
+    const fuaOk = f & TransmissionFlag.SendFua ? CommandFlag.Fua : 0;
     switch (command) {
       case Command.Read:
         allowedFlags = this.structured ? CommandFlag.Df : 0;
@@ -344,7 +347,7 @@ export class NbdConnection {
         break;
       case Command.Flush:
         if (!(f & TransmissionFlag.SendFlush)) return NbdError.EINVAL;
-        return flags === 0 ? 0 : NbdError.EINVAL;
+        return (flags & ~fuaOk) === 0 ? 0 : NbdError.EINVAL;
       case Command.Trim:
         if (!(f & TransmissionFlag.SendTrim) && !caps.readOnly) return NbdError.EINVAL;
         allowedFlags = CommandFlag.Fua;
@@ -367,7 +370,7 @@ export class NbdConnection {
       default:
         return NbdError.EINVAL;
     }
-    if ((flags & ~allowedFlags) !== 0) return NbdError.EINVAL;
+    if ((flags & ~(allowedFlags | fuaOk)) !== 0) return NbdError.EINVAL;
     if (writes && caps.readOnly) return NbdError.EPERM;
     if ((command === Command.Write || command === Command.Read) && length > MAX_PAYLOAD) {
       return NbdError.EINVAL;

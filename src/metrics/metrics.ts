@@ -1,0 +1,272 @@
+// Prometheus metrics (prom-client). Names follow Prometheus conventions:
+// nbd_cbw_ prefix, base units (seconds, bytes), _total for counters. Label
+// values are bounded: export names, operation names, error kinds, job states.
+//
+// Hot path: per-request hooks use label children cached per (export, op), so
+// a request costs two counter increments and one histogram observation.
+
+import client, { Counter, Gauge, Histogram, Registry } from 'prom-client';
+import { commandName, errorName } from '../nbd-protocol/constants';
+import type { ConnectionObserver, ExportSpec } from '../server/connection';
+import type { CbwFilter } from '../cbw/filter';
+import type { JobManager, JobStatus } from '../jobs/job';
+import type { CopyEngine } from '../copy/engine';
+
+/** 20 us to 10 s, roughly x2.5 per step. */
+export const LATENCY_BUCKETS = [
+  0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+];
+
+const JOB_STATES = ['starting', 'running', 'paused', 'completed', 'failed', 'cancelled'] as const;
+
+interface OpChildren {
+  requests: { inc(v?: number): void };
+  bytes: { inc(v?: number): void };
+  duration: { observe(v: number): void };
+}
+
+type JobStatusReader = (s: JobStatus) => number;
+
+/** Job gauges, read from each export's latest job at scrape time. */
+const JOB_GAUGES: Array<[string, string, JobStatusReader]> = [
+  ['nbd_cbw_buffer_used_bytes', 'Cow buffer RAM holding saved old data not yet on the target', (s) => s.bufferBytes],
+  ['nbd_cbw_buffer_capacity_bytes', 'Cow buffer RAM budget (--buffer)', (s) => s.bufferCapacity],
+  ['nbd_cbw_buffer_spill_bytes', 'Saved old data in the spill file, not yet on the target', (s) => s.spillBytes],
+  ['nbd_cbw_buffer_high_water_bytes', 'Highest cow buffer RAM use during the latest job', (s) => s.bufferHighWater],
+  ['nbd_cbw_backup_size_bytes', 'Size of the disk being backed up by the latest job', (s) => s.bytesTotal],
+  ['nbd_cbw_backup_done_bytes', 'Bytes of the latest job final on the target (or known zero there)', (s) => s.bytesDone],
+  ['nbd_cbw_backup_copied_bytes', 'Bytes the latest job read from the source and wrote as data', (s) => s.bytesCopied],
+  ['nbd_cbw_backup_skipped_bytes', 'Bytes the latest job never read: unallocated or zero per block status', (s) => s.bytesSkipped],
+  ['nbd_cbw_backup_zero_detected_bytes', 'Bytes the latest job read and found all zero', (s) => s.bytesZeroDetected],
+  ['nbd_cbw_backup_clusters_remaining', 'Clusters the latest job has still to copy', (s) => s.clustersRemaining],
+  ['nbd_cbw_backup_speed_limit_bytes_per_second', 'Background copy speed limit of the latest job (0 = none)', (s) => s.speedLimit],
+];
+
+export class Metrics {
+  readonly registry = new Registry();
+  private readonly requests: Counter<'export' | 'operation'>;
+  private readonly bytes: Counter<'export' | 'operation'>;
+  private readonly duration: Histogram<'export' | 'operation'>;
+  private readonly errors: Counter<'export' | 'operation' | 'error'>;
+  private readonly inFlight: Gauge<'export'>;
+  private readonly cbwWaits: Counter<'export'>;
+  private readonly cbwWaitSeconds: Histogram<'export'>;
+  private readonly cbwFailures: Counter<'export'>;
+  private readonly bufferFullWaits: Counter<'export'>;
+  private readonly targetWriteSeconds: Histogram<'export'>;
+  private readonly targetBytes: Counter<'export' | 'kind'>;
+  private readonly targetRetries: Counter<'export'>;
+  private readonly backupErrors: Counter<'export' | 'kind'>;
+  private readonly jobsStarted: Counter<'export'>;
+  private readonly jobsEnded: Counter<'export' | 'state'>;
+  private readonly children = new Map<string, OpChildren>();
+  private readonly inFlightByExport = new Map<string, number>();
+  private readonly watched: Array<{ name: string; jobs: JobManager }> = [];
+
+  constructor(opts: { defaultMetrics?: boolean } = {}) {
+    const r = [this.registry];
+    if (opts.defaultMetrics !== false) client.collectDefaultMetrics({ register: this.registry, prefix: 'nbd_cbw_' });
+    this.requests = new Counter({
+      name: 'nbd_cbw_requests_total',
+      help: 'NBD requests completed, by export and operation',
+      labelNames: ['export', 'operation'],
+      registers: r,
+    });
+    this.bytes = new Counter({
+      name: 'nbd_cbw_request_bytes_total',
+      help: 'Bytes moved by successful NBD requests (read, write, trim, write_zeroes), by export and operation',
+      labelNames: ['export', 'operation'],
+      registers: r,
+    });
+    this.duration = new Histogram({
+      name: 'nbd_cbw_request_duration_seconds',
+      help: 'NBD request latency from receipt to reply, by export and operation',
+      labelNames: ['export', 'operation'],
+      buckets: LATENCY_BUCKETS,
+      registers: r,
+    });
+    this.errors = new Counter({
+      name: 'nbd_cbw_request_errors_total',
+      help: 'NBD requests answered with an error, by export, operation and NBD error',
+      labelNames: ['export', 'operation', 'error'],
+      registers: r,
+    });
+    const inFlightByExport = this.inFlightByExport;
+    // Read at scrape time from a plain map: cheaper than a gauge update per request.
+    this.inFlight = new Gauge({
+      name: 'nbd_cbw_requests_in_flight',
+      help: 'NBD requests being executed now',
+      labelNames: ['export'],
+      registers: r,
+      collect() {
+        for (const [exp, n] of inFlightByExport) this.labels(exp).set(n);
+      },
+    });
+    const watched = this.watched;
+    for (const [name, help, read] of JOB_GAUGES) {
+      new Gauge({
+        name,
+        help,
+        labelNames: ['export'],
+        registers: r,
+        collect() {
+          for (const w of watched) {
+            const job = w.jobs.latest;
+            this.labels(w.name).set(job ? read(job.status()) : 0);
+          }
+        },
+      });
+    }
+    new Gauge({
+      name: 'nbd_cbw_backup_state',
+      help: 'State of the latest backup job: 1 for its current state, 0 for the others',
+      labelNames: ['export', 'state'],
+      registers: r,
+      collect() {
+        for (const w of watched) {
+          const st = w.jobs.latest?.status().state;
+          for (const s of JOB_STATES) this.labels(w.name, s).set(st === s ? 1 : 0);
+        }
+      },
+    });
+    this.cbwWaits = new Counter({
+      name: 'nbd_cbw_cbw_guest_writes_waited_total',
+      help: 'Guest writes, trims and zeroes that had to wait for old data to be saved first',
+      labelNames: ['export'],
+      registers: r,
+    });
+    this.cbwWaitSeconds = new Histogram({
+      name: 'nbd_cbw_cbw_wait_seconds',
+      help: 'Time guest writes spent waiting for their old data to be saved',
+      labelNames: ['export'],
+      buckets: LATENCY_BUCKETS,
+      registers: r,
+    });
+    this.cbwFailures = new Counter({
+      name: 'nbd_cbw_cbw_failures_total',
+      help: 'Copy-before-write saves that failed or timed out (the error policy then applied)',
+      labelNames: ['export'],
+      registers: r,
+    });
+    this.bufferFullWaits = new Counter({
+      name: 'nbd_cbw_cbw_buffer_full_waits_total',
+      help: 'Times a guest write had to wait for room in a full cow buffer',
+      labelNames: ['export'],
+      registers: r,
+    });
+    this.targetWriteSeconds = new Histogram({
+      name: 'nbd_cbw_backup_target_write_duration_seconds',
+      help: 'Latency of writes to the backup target',
+      labelNames: ['export'],
+      buckets: LATENCY_BUCKETS,
+      registers: r,
+    });
+    this.targetBytes = new Counter({
+      name: 'nbd_cbw_backup_target_written_bytes_total',
+      help: 'Bytes written to backup targets, by kind (data or zero)',
+      labelNames: ['export', 'kind'],
+      registers: r,
+    });
+    this.targetRetries = new Counter({
+      name: 'nbd_cbw_backup_target_retries_total',
+      help: 'Target writes retried after a failure',
+      labelNames: ['export'],
+      registers: r,
+    });
+    this.backupErrors = new Counter({
+      name: 'nbd_cbw_backup_errors_total',
+      help: 'Backup errors by kind: target_write, source_read, scan, cbw, job_failed',
+      labelNames: ['export', 'kind'],
+      registers: r,
+    });
+    this.jobsStarted = new Counter({
+      name: 'nbd_cbw_backup_jobs_started_total',
+      help: 'Backup jobs started',
+      labelNames: ['export'],
+      registers: r,
+    });
+    this.jobsEnded = new Counter({
+      name: 'nbd_cbw_backup_jobs_ended_total',
+      help: 'Backup jobs ended, by final state',
+      labelNames: ['export', 'state'],
+      registers: r,
+    });
+  }
+
+  private childrenFor(exp: string, command: number): OpChildren {
+    const key = `${exp}\0${command}`;
+    let c = this.children.get(key);
+    if (!c) {
+      const op = commandName(command);
+      c = {
+        requests: this.requests.labels(exp, op),
+        bytes: this.bytes.labels(exp, op),
+        duration: this.duration.labels(exp, op),
+      };
+      this.children.set(key, c);
+    }
+    return c;
+  }
+
+  /** Hooks for the NBD server. */
+  connectionObserver(): ConnectionObserver {
+    return {
+      requestStarted: (exp: ExportSpec) => {
+        this.inFlightByExport.set(exp.name, (this.inFlightByExport.get(exp.name) ?? 0) + 1);
+      },
+      requestFinished: (exp: ExportSpec, command: number, bytes: number, seconds: number, error: number) => {
+        this.inFlightByExport.set(exp.name, (this.inFlightByExport.get(exp.name) ?? 1) - 1);
+        const c = this.childrenFor(exp.name, command);
+        c.requests.inc();
+        c.duration.observe(seconds);
+        if (error !== 0) this.errors.labels(exp.name, commandName(command), errorName(error)).inc();
+        else if (bytes > 0) c.bytes.inc(bytes);
+      },
+    };
+  }
+
+  /** Watch an export's cbw filter and its backup jobs. */
+  watchExport(exportName: string, filter: CbwFilter, jobs: JobManager): void {
+    const waits = this.cbwWaits.labels(exportName);
+    const waitSeconds = this.cbwWaitSeconds.labels(exportName);
+    const failures = this.cbwFailures.labels(exportName);
+    filter.observer = {
+      guestWaited: (seconds, ok) => {
+        waits.inc();
+        waitSeconds.observe(seconds);
+        if (!ok) failures.inc();
+      },
+    };
+    jobs.on('job', (job: { engine: CopyEngine; on(ev: 'end', f: (state: string) => void): void }) => {
+      this.jobsStarted.labels(exportName).inc();
+      this.watchEngine(exportName, job.engine);
+      job.on('end', (state) => this.jobsEnded.labels(exportName, state).inc());
+    });
+    this.watched.push({ name: exportName, jobs });
+    this.inFlightByExport.set(exportName, this.inFlightByExport.get(exportName) ?? 0);
+  }
+
+  private watchEngine(exp: string, engine: CopyEngine): void {
+    const seconds = this.targetWriteSeconds.labels(exp);
+    const data = this.targetBytes.labels(exp, 'data');
+    const zero = this.targetBytes.labels(exp, 'zero');
+    engine.on('targetWrite', (bytes: number, s: number, isZero: boolean) => {
+      seconds.observe(s);
+      (isZero ? zero : data).inc(bytes);
+    });
+    engine.on('targetRetry', () => {
+      this.targetRetries.labels(exp).inc();
+      this.backupErrors.labels(exp, 'target_write').inc();
+    });
+    engine.on('readError', () => this.backupErrors.labels(exp, 'source_read').inc());
+    engine.on('scanError', () => this.backupErrors.labels(exp, 'scan').inc());
+    engine.on('bufferFullWait', () => this.bufferFullWaits.labels(exp).inc());
+    engine.done.catch(() => {
+      if (engine.state === 'failed') this.backupErrors.labels(exp, 'job_failed').inc();
+    });
+  }
+
+  async render(): Promise<{ contentType: string; body: string }> {
+    return { contentType: this.registry.contentType, body: await this.registry.metrics() };
+  }
+}
