@@ -18,7 +18,7 @@ import { CbwFilter } from '../cbw/filter';
 import { JobManager, validateRequest, type BackupJob, type BackupRequest } from '../jobs/job';
 import { ControlServer, formatControlAddress, parseControlAddress, type ControlAddress } from '../control/server';
 import { validateTargetSpec } from '../targets/open';
-import { addBackupOptions, toBackupRequest, type BackupCliOptions } from './backup-options';
+import { addBackupOptions, parseDuration, toBackupRequest, type BackupCliOptions } from './backup-options';
 
 export interface ListenOptions {
   unix?: string;
@@ -183,6 +183,7 @@ function parsePort(text: string): number {
 
 export interface ServeOptions extends ListenOptions, BackupCliOptions {
   source?: string;
+  reconnectWindow?: string;
   readonly?: boolean;
   control?: string;
   controlTokenFile?: string;
@@ -201,6 +202,7 @@ export function registerServe(program: Command): void {
     )
     .option('-s, --source <SOURCE>', 'the disk: file:PATH, nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH')
     .option('-r, --readonly', 'export read-only')
+    .option('--reconnect-window <DURATION>', 'NBD sources: if the connection drops, requests wait while nbd-cbw reconnects for this long, then fail with EIO (0 = fail at once)', '10s')
     .option('--control <ADDR>', 'control API address: a unix socket path, or HOST:PORT (needs --control-token-file); default: SOCKET.ctl next to -U SOCKET, else a socket in the temp dir')
     .option('--control-token-file <FILE>', 'require this bearer token (file contents) on the control API')
     .option('--backup-to <TARGET>', 'start a backup to TARGET (file:PATH, nbd://..., nbd+unix://...) as soon as the server is up')
@@ -296,7 +298,11 @@ export async function prepareServe(opts: ServeOptions): Promise<ExportSpec> {
   if (!opts.foreground && opts.run === undefined) await backgroundSelf();
   let device: BlockDevice;
   try {
-    device = await openDevice(opts.source, { readOnly: !!opts.readonly });
+    device = await openDevice(opts.source, {
+      readOnly: !!opts.readonly,
+      reconnectWindowMs: parseDuration(opts.reconnectWindow ?? '10s'),
+      log: (m) => info(m),
+    });
   } catch (e) {
     die(errorMessage(e));
   }

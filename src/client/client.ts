@@ -51,6 +51,14 @@ export interface NbdClientOptions {
   connectTimeoutMs?: number;
 }
 
+/** The request may or may not have reached the server: the connection died. */
+export class ConnectionLostError extends DeviceError {
+  constructor(message: string) {
+    super(NbdError.EIO, message);
+    this.name = 'ConnectionLostError';
+  }
+}
+
 interface Pending {
   command: number;
   offset: number;
@@ -246,7 +254,7 @@ export class NbdClient extends EventEmitter {
     const w = this.handshakeWaiter;
     this.handshakeWaiter = null;
     w?.(err);
-    const e = new DeviceError(NbdError.EIO, `${this.uri}: ${err.message}`);
+    const e = new ConnectionLostError(`${this.uri}: ${err.message}`);
     for (const p of this.pending.values()) p.reject(e);
     this.pending.clear();
     for (const s of this.slotWaiters.splice(0)) s();
@@ -279,7 +287,7 @@ export class NbdClient extends EventEmitter {
     into: Buffer | null,
   ): Promise<Buffer | Extent[] | null> {
     if (this.inFlight >= this.maxInFlight) await this.slot();
-    if (this.closedError) throw new DeviceError(NbdError.EIO, `${this.uri}: ${this.closedError.message}`);
+    if (this.closedError) throw new ConnectionLostError(`${this.uri}: ${this.closedError.message}`);
     const cookie = this.nextCookie++;
     this.inFlight++;
     try {

@@ -1,10 +1,18 @@
 // A BlockDevice backed by an NBD export (qemu-nbd, nbdkit, an rbd export).
 // Capabilities are exactly what the server advertised; requests larger than
 // the server's maximum are split.
+//
+// Reconnection: when the connection drops, requests wait while we reconnect
+// with backoff, for at most the reconnect window; then they are retried on
+// the new connection (reads, writes, zeroes, trims and flushes are all safe
+// to repeat: the same bytes land at the same place). Past the window they
+// fail with EIO. A write is never reported done unless a server acknowledged
+// it.
 
 import { CommandFlag, NbdError, TransmissionFlag } from '../nbd-protocol';
-import { NbdClient, type NbdClientOptions } from '../client/client';
+import { ConnectionLostError, NbdClient, type NbdClientOptions } from '../client/client';
 import type { NbdAddress } from '../client/uri';
+import { backoffMs, sleep } from '../copy/sync';
 import {
   DeviceError,
   type BlockDevice,
@@ -17,14 +25,28 @@ import {
 
 const MAX_REQUEST = 32 * 1024 * 1024;
 
+export interface NbdDeviceOptions extends NbdClientOptions {
+  /** How long to keep reconnecting after the connection drops; 0 = fail at once. */
+  reconnectWindowMs?: number;
+  log?: (msg: string) => void;
+}
+
 export class NbdDevice implements BlockDevice {
   readonly size: number;
   readonly capabilities: DeviceCapabilities;
   readonly blockSizes: BlockSizes;
   readonly description: string;
   private readonly maxRequest: number;
+  private client: NbdClient;
+  private reconnecting: Promise<NbdClient> | null = null;
+  private closed = false;
 
-  constructor(readonly client: NbdClient) {
+  constructor(
+    client: NbdClient,
+    private readonly addr: NbdAddress | null = null,
+    private readonly opts: NbdDeviceOptions = {},
+  ) {
+    this.client = client;
     const f = client.transmissionFlags;
     this.size = client.size;
     this.capabilities = {
@@ -48,17 +70,70 @@ export class NbdDevice implements BlockDevice {
     this.description = `nbd ${client.uri}`;
   }
 
-  static async open(addr: NbdAddress, opts?: NbdClientOptions): Promise<NbdDevice> {
-    return new NbdDevice(await NbdClient.connect(addr, opts));
+  static async open(addr: NbdAddress, opts: NbdDeviceOptions = {}): Promise<NbdDevice> {
+    return new NbdDevice(await NbdClient.connect(addr, opts), addr, opts);
+  }
+
+  /** Run `op` on a live connection, reconnecting within the window if it drops. */
+  private async withClient<T>(op: (c: NbdClient) => Promise<T>): Promise<T> {
+    const windowMs = this.opts.reconnectWindowMs ?? 0;
+    const deadline = Date.now() + windowMs;
+    for (;;) {
+      const client = this.client.isClosed ? await this.reconnect(deadline) : this.client;
+      try {
+        return await op(client);
+      } catch (e) {
+        if (!(e instanceof ConnectionLostError) || !this.addr || windowMs <= 0 || this.closed) throw e;
+        if (Date.now() >= deadline) throw e;
+      }
+    }
+  }
+
+  private reconnect(deadline: number): Promise<NbdClient> {
+    if (!this.reconnecting) {
+      const windowEnd = Date.now() + (this.opts.reconnectWindowMs ?? 0);
+      this.reconnecting = this.reconnectLoop(windowEnd).finally(() => {
+        this.reconnecting = null;
+      });
+    }
+    return this.reconnecting.then((c) => {
+      if (Date.now() > deadline && c.isClosed) throw new DeviceError(NbdError.EIO, 'source connection lost');
+      return c;
+    });
+  }
+
+  private async reconnectLoop(windowEnd: number): Promise<NbdClient> {
+    const addr = this.addr as NbdAddress;
+    let lastError: unknown = null;
+    for (let attempt = 0; Date.now() < windowEnd && !this.closed; attempt++) {
+      try {
+        const c = await NbdClient.connect(addr, {
+          ...this.opts,
+          connectTimeoutMs: Math.max(100, Math.min(5000, windowEnd - Date.now())),
+        });
+        if (c.size !== this.size) {
+          await c.close();
+          throw new Error(`source size changed from ${this.size} to ${c.size} bytes`);
+        }
+        this.client = c;
+        this.opts.log?.(`reconnected to ${c.uri}`);
+        return c;
+      } catch (e) {
+        lastError = e;
+        await sleep(Math.min(backoffMs(attempt, 50, 2000), Math.max(0, windowEnd - Date.now())));
+      }
+    }
+    const why = lastError instanceof Error ? `: ${lastError.message}` : '';
+    throw new DeviceError(NbdError.EIO, `source connection lost and not back within the reconnect window${why}`);
   }
 
   async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
-    if (length <= this.maxRequest) return this.client.read(offset, length, into);
+    if (length <= this.maxRequest) return this.withClient((c) => c.read(offset, length, into));
     const out = into ?? Buffer.allocUnsafe(length);
     const parts: Promise<Buffer>[] = [];
     for (let at = 0; at < length; at += this.maxRequest) {
       const n = Math.min(this.maxRequest, length - at);
-      parts.push(this.client.read(offset + at, n, out.subarray(at, at + n)));
+      parts.push(this.withClient((c) => c.read(offset + at, n, out.subarray(at, at + n))));
     }
     await Promise.all(parts);
     return out;
@@ -66,10 +141,11 @@ export class NbdDevice implements BlockDevice {
 
   async write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void> {
     const fua = !!opts?.fua && this.capabilities.fua;
-    if (data.length <= this.maxRequest) return this.client.write(offset, data, fua);
+    if (data.length <= this.maxRequest) return this.withClient((c) => c.write(offset, data, fua));
     const parts: Promise<void>[] = [];
     for (let at = 0; at < data.length; at += this.maxRequest) {
-      parts.push(this.client.write(offset + at, data.subarray(at, at + this.maxRequest), fua));
+      const piece = data.subarray(at, at + this.maxRequest);
+      parts.push(this.withClient((c) => c.write(offset + at, piece, fua)));
     }
     await Promise.all(parts);
   }
@@ -86,7 +162,7 @@ export class NbdDevice implements BlockDevice {
       if (!this.capabilities.fastZero) throw new DeviceError(NbdError.ENOTSUP, 'source cannot zero quickly');
       flags |= CommandFlag.FastZero;
     }
-    return this.client.zero(offset, length, flags);
+    return this.withClient((c) => c.zero(offset, length, flags));
   }
 
   private async writeZeroBuffers(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
@@ -99,24 +175,25 @@ export class NbdDevice implements BlockDevice {
 
   async trim(offset: number, length: number, opts?: WriteOptions): Promise<void> {
     if (!this.capabilities.trim) return; // advisory
-    return this.client.trim(offset, length, !!opts?.fua && this.capabilities.fua);
+    return this.withClient((c) => c.trim(offset, length, !!opts?.fua && this.capabilities.fua));
   }
 
   async flush(): Promise<void> {
-    if (this.capabilities.flush) await this.client.flush();
+    if (this.capabilities.flush) await this.withClient((c) => c.flush());
   }
 
   async cache(offset: number, length: number): Promise<void> {
-    if (this.capabilities.cache) await this.client.cache(offset, length);
+    if (this.capabilities.cache) await this.withClient((c) => c.cache(offset, length));
   }
 
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
     if (!this.capabilities.blockStatus) return [{ length, flags: 0 }];
     // Lengths are 32-bit on the wire; ask for at most ~4 GiB at a time.
-    return this.client.blockStatus(offset, Math.min(length, 0xffffffff - 0xffff));
+    return this.withClient((c) => c.blockStatus(offset, Math.min(length, 0xffffffff - 0xffff)));
   }
 
   async close(): Promise<void> {
+    this.closed = true;
     await this.client.close();
   }
 }

@@ -9,6 +9,9 @@ export interface OpenOptions {
   readOnly?: boolean;
   /** Requests on the wire at once for NBD devices. */
   maxInFlight?: number;
+  /** NBD sources: how long to keep reconnecting after the connection drops. */
+  reconnectWindowMs?: number;
+  log?: (msg: string) => void;
 }
 
 export async function openDevice(spec: string, opts: OpenOptions = {}): Promise<BlockDevice> {
@@ -18,7 +21,11 @@ export async function openDevice(spec: string, opts: OpenOptions = {}): Promise<
     return FileDevice.open(path, { readOnly: opts.readOnly });
   }
   if (/^nbds?(\+unix)?:/.test(spec)) {
-    const dev = await NbdDevice.open(parseNbdUri(spec), { maxInFlight: opts.maxInFlight });
+    const dev = await NbdDevice.open(parseNbdUri(spec), {
+      maxInFlight: opts.maxInFlight,
+      reconnectWindowMs: opts.reconnectWindowMs,
+      log: opts.log,
+    });
     if (opts.readOnly) return readOnlyView(dev);
     return dev;
   }
