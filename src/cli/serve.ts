@@ -3,7 +3,9 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import type { Command } from 'commander';
+import { Option, type Command } from 'commander';
+import { loadServerContext } from '../tls/credentials';
+import type { ServerTls } from '../server/connection';
 import { NbdServer, type ListenAddress } from '../server/server';
 import type { ConnectionObserver, ExportSpec } from '../server/connection';
 import http from 'node:http';
@@ -31,6 +33,9 @@ export interface ListenOptions {
   exitWithParent?: boolean;
   run?: string;
   maxConnections?: string;
+  tls?: string;
+  tlsCertificates?: string;
+  tlsVerifyPeer?: boolean;
 }
 
 /** Options every serving command shares (serve, serve-backup). */
@@ -45,7 +50,12 @@ export function addListenOptions(cmd: Command): Command {
     .option('-P, --pidfile <FILE>', 'write the pid here once accepting connections')
     .option('--exit-with-parent', 'exit when the parent process exits')
     .option('--run <CMD>', 'captive mode: run CMD with $uri, $nbd, $unixsocket, $port, $exportname set; exit with its status when it ends')
-    .option('--max-connections <N>', 'refuse connections beyond this many', '256');
+    .option('--max-connections <N>', 'refuse connections beyond this many', '256')
+    .addOption(
+      new Option('--tls <MODE>', 'TLS for clients: off, on (offered), require (plaintext refused)').choices(['off', 'on', 'require']).default('off'),
+    )
+    .option('--tls-certificates <DIR>', 'X.509 credentials in qemu\'s layout: ca-cert.pem, server-cert.pem, server-key.pem')
+    .option('--tls-verify-peer', 'require clients to present a certificate signed by ca-cert.pem');
 }
 
 export interface RunningServer {
@@ -81,8 +91,19 @@ export async function runServer(
     address.port = opts.port !== undefined ? parsePort(opts.port) : 10809;
     address.host = opts.ipaddr ?? '0.0.0.0';
   }
+  let tlsConfig: ServerTls | undefined;
+  const mode = (opts.tls ?? 'off') as ServerTls['mode'];
+  if (mode !== 'off') {
+    if (!opts.tlsCertificates) die(`--tls=${mode} needs --tls-certificates DIR`);
+    try {
+      tlsConfig = { mode, context: loadServerContext(opts.tlsCertificates, !!opts.tlsVerifyPeer), verifyPeer: !!opts.tlsVerifyPeer };
+    } catch (e) {
+      die(errorMessage(e));
+    }
+  }
   const server = new NbdServer({
     exports: [exportSpec],
+    tls: tlsConfig,
     maxConnections: Number(opts.maxConnections ?? 256),
     observer: hooks.observer,
     log: opts.verbose ? (m) => debug(m) : undefined,

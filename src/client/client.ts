@@ -8,6 +8,8 @@
 // fails with EIO and new ones fail at once.
 
 import net from 'node:net';
+import tls from 'node:tls';
+import type { ClientTlsOptions } from '../tls/credentials';
 import { EventEmitter } from 'node:events';
 import {
   BASE_ALLOCATION,
@@ -39,7 +41,7 @@ import {
 } from '../nbd-protocol';
 import { DeviceError } from '../device/types';
 import type { NbdAddress } from './uri';
-import { formatNbdUri } from './uri';
+import { clientTlsFor, formatNbdUri } from './uri';
 
 export interface NbdClientOptions {
   /** Requests on the wire at once (qemu uses 16). */
@@ -49,6 +51,8 @@ export interface NbdClientOptions {
   /** Ask for base:allocation (default true; needs structured replies). */
   baseAllocation?: boolean;
   connectTimeoutMs?: number;
+  /** Require TLS (STARTTLS) with these credentials; the server's chain is verified against `ca`. */
+  tls?: ClientTlsOptions;
 }
 
 /** The request may or may not have reached the server: the connection died. */
@@ -82,7 +86,7 @@ export class NbdClient extends EventEmitter {
   baseAllocationId: number | null = null;
   readonly uri: string;
 
-  private readonly socket: net.Socket;
+  private socket: net.Socket;
   private readonly parser: ServerStreamParser;
   private readonly pending = new Map<bigint, Pending>();
   private nextCookie = 1n;
@@ -111,13 +115,44 @@ export class NbdClient extends EventEmitter {
       ? net.createConnection({ path: addr.socketPath })
       : net.createConnection({ host: addr.host, port: addr.port ?? 10809 });
     this.socket.setNoDelay?.(true);
-    this.socket.on('data', (chunk: Buffer) => this.parser.push(chunk, this.onMessage));
-    this.socket.on('error', (err) => this.fail(err));
-    this.socket.on('close', () => this.fail(new Error('connection closed by server')));
+    this.bind(this.socket);
+  }
+
+  private readonly onData = (chunk: Buffer) => this.parser.push(chunk, this.onMessage);
+  private readonly onError = (err: Error) => this.fail(err);
+  private readonly onClose = () => this.fail(new Error('connection closed by server'));
+
+  private bind(s: net.Socket): void {
+    s.on('data', this.onData);
+    s.on('error', this.onError);
+    s.on('close', this.onClose);
+  }
+
+  /** STARTTLS was acknowledged: continue the session inside TLS. */
+  private async upgrade(creds: ClientTlsOptions): Promise<void> {
+    const raw = this.socket;
+    raw.off('data', this.onData);
+    raw.off('close', this.onClose);
+    const secure = tls.connect({
+      socket: raw,
+      ca: creds.ca,
+      cert: creds.cert,
+      key: creds.key,
+      // Verify the chain against the CA; names are not checked, since unix
+      // sockets have none (qemu does the same for unix sockets).
+      checkServerIdentity: () => undefined,
+    });
+    this.socket = secure;
+    this.bind(secure);
+    await new Promise<void>((resolve, reject) => {
+      secure.once('secureConnect', () => resolve());
+      secure.once('error', reject);
+    });
   }
 
   /** Connect and complete the handshake. */
   static async connect(addr: NbdAddress, opts: NbdClientOptions = {}): Promise<NbdClient> {
+    if (addr.tls && !opts.tls) opts = { ...opts, tls: clientTlsFor(addr) };
     const c = new NbdClient(addr, opts);
     const timeoutMs = opts.connectTimeoutMs ?? 30_000;
     let timer: NodeJS.Timeout | undefined;
@@ -186,6 +221,17 @@ export class NbdClient extends EventEmitter {
     );
     this.parser.noZeroes = noZeroes;
     const name = this.addr.exportName;
+
+    if (this.opts.tls) {
+      if (!fixed) throw new Error('server cannot do TLS (no fixed newstyle)');
+      this.socket.write(build.option(Option.StartTls));
+      const r = await this.nextOptionReply(Option.StartTls);
+      if (r.replyType !== OptionReply.Ack) {
+        const text = r.data.toString('utf8');
+        throw new Error(`server refused TLS${text ? `: ${text}` : ''}`);
+      }
+      await this.upgrade(this.opts.tls);
+    }
 
     if (fixed && this.opts.structuredReplies !== false) {
       this.socket.write(build.option(Option.StructuredReply));

@@ -13,6 +13,7 @@
 // is over its high-water mark; it resumes when both have room again.
 
 import type { Socket } from 'node:net';
+import tls from 'node:tls';
 import {
   BASE_ALLOCATION,
   ClientFlag,
@@ -54,8 +55,17 @@ export interface ConnectionObserver {
   requestFinished?(exp: ExportSpec, command: number, bytes: number, seconds: number, error: number): void;
 }
 
+/** TLS on the guest-facing side: off, offered (on), or required. */
+export interface ServerTls {
+  mode: 'off' | 'on' | 'require';
+  context: tls.SecureContext | null;
+  /** Ask for and verify a client certificate against the CA. */
+  verifyPeer: boolean;
+}
+
 export interface ConnectionOptions {
   exports: ExportRegistry;
+  tls?: ServerTls;
   /** Requests executing at once per connection. */
   maxInFlight?: number;
   /** Payload bytes (write data and read buffers) held at once per connection. */
@@ -89,20 +99,23 @@ export class NbdConnection {
   private handshakeTimer: NodeJS.Timeout | null = null;
   private readonly maxInFlight: number;
   private readonly maxInFlightBytes: number;
+  private tlsActive = false;
   private readonly onData = (chunk: Buffer) => this.parser.push(chunk, this.handle);
+  private readonly onEnd = () => this.drain();
+  private readonly onError = (err: Error) => this.log(`socket error: ${err.message}`);
+  private readonly onClose = () => this.closed();
+  private readonly onDrain = () => this.updateFlow();
+  private socket: Socket;
 
   constructor(
-    private readonly socket: Socket,
+    socket: Socket,
     private readonly opts: ConnectionOptions,
   ) {
+    this.socket = socket;
     this.maxInFlight = opts.maxInFlight ?? 64;
     this.maxInFlightBytes = opts.maxInFlightBytes ?? 2 * MAX_PAYLOAD;
     socket.setNoDelay?.(true);
-    socket.on('data', this.onData);
-    socket.on('end', () => this.drain());
-    socket.on('error', (err) => this.log(`socket error: ${err.message}`));
-    socket.on('close', () => this.closed());
-    socket.on('drain', () => this.updateFlow());
+    this.bind(socket);
     const timeout = opts.handshakeTimeoutMs ?? 10_000;
     if (timeout > 0) {
       this.handshakeTimer = setTimeout(() => {
@@ -112,6 +125,39 @@ export class NbdConnection {
       this.handshakeTimer.unref();
     }
     this.send(build.greeting(HandshakeFlag.FixedNewstyle | HandshakeFlag.NoZeroes));
+  }
+
+  private bind(s: Socket): void {
+    s.on('data', this.onData);
+    s.on('end', this.onEnd);
+    s.on('error', this.onError);
+    s.on('close', this.onClose);
+    s.on('drain', this.onDrain);
+  }
+
+  private unbind(s: Socket): void {
+    s.off('data', this.onData);
+    s.off('end', this.onEnd);
+    s.off('close', this.onClose);
+    s.off('drain', this.onDrain);
+    // keep onError: a late error on the raw socket must not go unhandled
+  }
+
+  /** After STARTTLS's ACK: the rest of the session runs inside TLS. */
+  private startTls(): void {
+    const t = this.opts.tls as ServerTls;
+    const raw = this.socket;
+    this.unbind(raw);
+    const secure = new tls.TLSSocket(raw, {
+      isServer: true,
+      secureContext: t.context ?? undefined,
+      requestCert: t.verifyPeer,
+      rejectUnauthorized: t.verifyPeer,
+    });
+    secure.on('secure', () => this.log('TLS session established'));
+    this.socket = secure;
+    this.tlsActive = true;
+    this.bind(secure);
   }
 
   /** Finish outstanding requests and close. */
@@ -166,6 +212,16 @@ export class NbdConnection {
   private handleOption(opt: number, data: Buffer): void {
     const reply = (type: number, payload?: Buffer) => this.send(build.optionReply(opt, type, payload));
     const error = (type: number, message: string) => this.send(build.optionError(opt, type, message));
+    const tlsMode = this.opts.tls?.mode ?? 'off';
+    if (tlsMode === 'require' && !this.tlsActive && opt !== Option.StartTls && opt !== Option.Abort) {
+      if (opt === Option.ExportName) {
+        // No error reply exists for EXPORT_NAME: hang up.
+        this.log('client asked for an export without TLS; TLS is required');
+        this.socket.destroy();
+        return;
+      }
+      return error(OptionReply.ErrTlsReqd, 'TLS is required on this server: send STARTTLS first');
+    }
     switch (opt) {
       case Option.ExportName: {
         const exp = this.opts.exports.find(data.toString('utf8'));
@@ -235,7 +291,12 @@ export class NbdConnection {
         return;
       }
       case Option.StartTls:
-        return error(OptionReply.ErrUnsup, 'TLS is not enabled on this server');
+        if (tlsMode === 'off') return error(OptionReply.ErrUnsup, 'TLS is not enabled on this server');
+        if (this.tlsActive) return error(OptionReply.ErrInvalid, 'TLS is already active');
+        if (data.length !== 0) return error(OptionReply.ErrInvalid, 'STARTTLS takes no payload');
+        reply(OptionReply.Ack);
+        this.startTls();
+        return;
       default:
         return error(OptionReply.ErrUnsup, `option ${opt} is not supported`);
     }

@@ -3,7 +3,13 @@
 
 import net from 'node:net';
 import fs from 'node:fs';
-import { NbdConnection, type ConnectionObserver, type ExportRegistry, type ExportSpec } from './connection';
+import {
+  NbdConnection,
+  type ConnectionObserver,
+  type ExportRegistry,
+  type ExportSpec,
+  type ServerTls,
+} from './connection';
 
 export interface ListenAddress {
   /** Unix socket path. */
@@ -18,6 +24,7 @@ export interface NbdServerOptions {
   maxConnections?: number;
   handshakeTimeoutMs?: number;
   maxInFlight?: number;
+  tls?: ServerTls;
   observer?: ConnectionObserver;
   log?: (msg: string) => void;
 }
@@ -75,6 +82,7 @@ export class NbdServer {
       exports: this.registry,
       handshakeTimeoutMs: this.opts.handshakeTimeoutMs,
       maxInFlight: this.opts.maxInFlight,
+      tls: this.opts.tls,
       observer: this.opts.observer,
       log: this.opts.log,
     });

@@ -6,8 +6,8 @@ import type { BackupTarget, TargetOpenOptions } from './types';
 
 export function validateTargetSpec(spec: string): string | null {
   if (spec.startsWith('file:') && spec.length > 5) return null;
-  if (/^nbd(\+unix)?:\/\//.test(spec)) return null;
-  return `unrecognised target "${spec}": use file:PATH, nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH`;
+  if (/^nbds?(\+unix)?:\/\//.test(spec)) return null;
+  return `unrecognised target "${spec}": use file:PATH, nbd[s]://HOST[:PORT]/EXPORT or nbd[s]+unix:///EXPORT?socket=PATH`;
 }
 
 export async function openTarget(spec: string, opts: TargetOpenOptions): Promise<BackupTarget> {
