@@ -14,10 +14,14 @@ export interface BackupCliOptions {
   cbwTimeout?: string;
   onCbwError?: string;
   targetIsZero?: boolean;
+  chunkSize?: string;
+  s3Endpoint?: string;
+  s3Region?: string;
+  s3ForcePathStyle?: boolean;
 }
 
 export function addBackupOptions(cmd: Command): Command {
-  return cmd
+  cmd
     .option('--buffer <SIZE>', 'RAM for old data awaiting the target; 0 = guest writes wait for the target', '256M')
     .option('--spill-dir <DIR>', 'when the RAM buffer is full, spill to a file here instead of making the guest wait')
     .option('--workers <N>', 'background copy workers', '16')
@@ -30,7 +34,18 @@ export function addBackupOptions(cmd: Command): Command {
         .choices(['break-snapshot', 'break-guest-write'])
         .default('break-snapshot'),
     )
-    .option('--target-is-zero', 'the target already reads as zeros: skip writing zero ranges');
+    .option('--target-is-zero', 'the target already reads as zeros: skip writing zero ranges')
+    .option('--chunk-size <SIZE>', 'dir: and s3:// targets: chunk size (the copy cluster size follows it)', '4M');
+  addS3Options(cmd);
+  return cmd;
+}
+
+/** S3 settings; credentials come from the usual AWS environment variables. */
+export function addS3Options(cmd: Command): Command {
+  return cmd
+    .option('--s3-endpoint <URL>', 'S3 endpoint (radosgw, MinIO); default $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL, else AWS')
+    .option('--s3-region <REGION>', 'S3 region (default $AWS_REGION or us-east-1)')
+    .option('--s3-force-path-style', 'address buckets as ENDPOINT/BUCKET (radosgw, MinIO)');
 }
 
 export function parseDuration(text: string): number {
@@ -59,5 +74,9 @@ export function toBackupRequest(target: string, o: BackupCliOptions): BackupRequ
     cbwTimeoutMs: parseDuration(o.cbwTimeout ?? '5s'),
     onCbwError: (o.onCbwError ?? 'break-snapshot') as BackupRequest['onCbwError'],
     targetIsZero: !!o.targetIsZero,
+    chunkSize: parseSize(o.chunkSize ?? '4M', '--chunk-size'),
+    s3Endpoint: o.s3Endpoint,
+    s3Region: o.s3Region,
+    s3ForcePathStyle: !!o.s3ForcePathStyle,
   };
 }

@@ -3,15 +3,10 @@
 import { Command, CommanderError } from 'commander';
 import { registerServe } from './serve';
 import { registerBackup } from './backup';
+import { registerRestore } from './restore';
 import { die, errorMessage } from './log';
 
-export const VERSION: string = (() => {
-  try {
-    return (require('../../package.json') as { version: string }).version;
-  } catch {
-    return 'unknown';
-  }
-})();
+import { VERSION } from '../version';
 
 export function buildProgram(): Command {
   const program = new Command('nbd-cbw');
@@ -27,6 +22,7 @@ export function buildProgram(): Command {
     .exitOverride();
   registerServe(program);
   registerBackup(program);
+  registerRestore(program);
   return program;
 }
 

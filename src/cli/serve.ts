@@ -33,6 +33,7 @@ export interface ListenOptions {
   exitWithParent?: boolean;
   run?: string;
   maxConnections?: string;
+  handshakeTimeout?: string;
   tls?: string;
   tlsCertificates?: string;
   tlsVerifyPeer?: boolean;
@@ -51,6 +52,7 @@ export function addListenOptions(cmd: Command): Command {
     .option('--exit-with-parent', 'exit when the parent process exits')
     .option('--run <CMD>', 'captive mode: run CMD with $uri, $nbd, $unixsocket, $port, $exportname set; exit with its status when it ends')
     .option('--max-connections <N>', 'refuse connections beyond this many', '256')
+    .option('--handshake-timeout <DURATION>', 'drop clients that have not finished the handshake in this time (e.g. 10s, 500ms; 0 = never)', '10s')
     .addOption(
       new Option('--tls <MODE>', 'TLS for clients: off, on (offered), require (plaintext refused)').choices(['off', 'on', 'require']).default('off'),
     )
@@ -101,10 +103,17 @@ export async function runServer(
       die(errorMessage(e));
     }
   }
+  let handshakeTimeoutMs = 10_000;
+  try {
+    handshakeTimeoutMs = parseDuration(opts.handshakeTimeout ?? '10s');
+  } catch (e) {
+    die(`--handshake-timeout: ${errorMessage(e)}`);
+  }
   const server = new NbdServer({
     exports: [exportSpec],
     tls: tlsConfig,
     maxConnections: Number(opts.maxConnections ?? 256),
+    handshakeTimeoutMs,
     observer: hooks.observer,
     log: opts.verbose ? (m) => debug(m) : undefined,
   });
@@ -266,7 +275,7 @@ export function registerServe(program: Command): void {
     const source = await prepareServe(opts);
     const filter = new CbwFilter(source.device);
     const exportSpec: ExportSpec = { ...source, device: filter };
-    const jobs = new JobManager(filter);
+    const jobs = new JobManager(filter, opts.source);
     const metrics = opts.metrics === false ? null : new Metrics();
     metrics?.watchExport(exportSpec.name, filter, jobs);
     let control: ControlServer | null = null;

@@ -7,6 +7,7 @@ import { CbwFilter, type CbwErrorPolicy } from '../cbw/filter';
 import { CopyEngine, DEFAULT_ENGINE_OPTIONS, type CopyEngineOptions, type EngineState } from '../copy/engine';
 import { openTarget } from '../targets/open';
 import type { BackupTarget } from '../targets/types';
+import { VERSION } from '../version';
 
 export interface BackupRequest {
   target: string;
@@ -19,6 +20,11 @@ export interface BackupRequest {
   cbwTimeoutMs?: number;
   onCbwError?: CbwErrorPolicy;
   targetIsZero?: boolean;
+  /** dir: and s3:// targets: chunk size (a power of two, default 4 MiB). */
+  chunkSize?: number;
+  s3Endpoint?: string;
+  s3Region?: string;
+  s3ForcePathStyle?: boolean;
 }
 
 export interface JobStatus {
@@ -46,6 +52,8 @@ export interface JobStatus {
   speedLimit: number;
   clusterSize: number;
   onCbwError: CbwErrorPolicy;
+  /** Target-specific counters (chunked targets: chunks uploaded, deduplicated, zero). */
+  targetStats: Record<string, number>;
 }
 
 export class RequestError extends Error {
@@ -82,6 +90,15 @@ export function validateRequest(req: BackupRequest): void {
     bad('"onCbwError" must be break-snapshot or break-guest-write');
   }
   if (req.spillDir !== undefined && typeof req.spillDir !== 'string') bad('"spillDir" must be a path');
+  if (req.chunkSize !== undefined) {
+    const c = req.chunkSize;
+    if (!Number.isInteger(c) || c < 64 * 1024 || c > 64 * 1024 * 1024 || (c & (c - 1)) !== 0) {
+      bad('"chunkSize" must be a power of two from 64K to 64M');
+    }
+  }
+  for (const k of ['s3Endpoint', 's3Region'] as const) {
+    if (req[k] !== undefined && typeof req[k] !== 'string') bad(`"${k}" must be a string`);
+  }
 }
 
 let jobCounter = 0;
@@ -96,6 +113,7 @@ export class BackupJob extends EventEmitter {
   constructor(
     readonly request: BackupRequest,
     readonly engine: CopyEngine,
+    readonly target: BackupTarget,
     readonly settings: { clusterSize: number; onCbwError: CbwErrorPolicy },
   ) {
     super();
@@ -151,6 +169,7 @@ export class BackupJob extends EventEmitter {
       speedLimit: this.engine.speed,
       clusterSize: this.settings.clusterSize,
       onCbwError: this.settings.onCbwError,
+      targetStats: this.target.targetStats?.() ?? {},
     };
   }
 }
@@ -160,7 +179,11 @@ export class JobManager extends EventEmitter {
   private readonly jobs: BackupJob[] = [];
   private starting = false;
 
-  constructor(readonly filter: CbwFilter) {
+  constructor(
+    readonly filter: CbwFilter,
+    /** Recorded in chunked backups' manifests. */
+    readonly sourceName = 'unknown',
+  ) {
     super();
   }
 
@@ -191,7 +214,14 @@ export class JobManager extends EventEmitter {
     try {
       const size = this.filter.size;
       try {
-        target = await openTarget(req.target, { size, targetIsZero: req.targetIsZero });
+        target = await openTarget(req.target, {
+          size,
+          targetIsZero: req.targetIsZero,
+          chunkSize: req.chunkSize,
+          source: this.sourceName,
+          version: VERSION,
+          s3: { endpoint: req.s3Endpoint, region: req.s3Region, forcePathStyle: req.s3ForcePathStyle },
+        });
       } catch (e) {
         throw new RequestError(400, (e as Error).message);
       }
@@ -204,6 +234,7 @@ export class JobManager extends EventEmitter {
         ...(req.bufferBytes !== undefined && { bufferBytes: req.bufferBytes }),
         ...(req.spillDir !== undefined && { spillDir: req.spillDir }),
       };
+      if (target.requiredClusterSize) opts.clusterSize = target.requiredClusterSize;
       if (opts.maxChunk < opts.clusterSize) opts.maxChunk = opts.clusterSize;
       let engine: CopyEngine;
       try {
@@ -212,7 +243,7 @@ export class JobManager extends EventEmitter {
         throw new RequestError(400, (e as Error).message);
       }
       const policy = req.onCbwError ?? 'break-snapshot';
-      const job = new BackupJob(req, engine, { clusterSize: opts.clusterSize, onCbwError: policy });
+      const job = new BackupJob(req, engine, target, { clusterSize: opts.clusterSize, onCbwError: policy });
       this.jobs.push(job);
       if (this.jobs.length > 32) this.jobs.shift();
       await this.filter.attach(engine, { policy, timeoutMs: req.cbwTimeoutMs ?? 5000 });

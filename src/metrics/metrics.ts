@@ -230,11 +230,18 @@ export class Metrics {
     const waits = this.cbwWaits.labels(exportName);
     const waitSeconds = this.cbwWaitSeconds.labels(exportName);
     const failures = this.cbwFailures.labels(exportName);
+    // The help of nbd_cbw_backup_errors_total promises kind="cbw": a failed
+    // or timed-out copy-before-write is a backup error under either policy
+    // (the backup stops, or the guest write is refused to keep it valid).
+    const cbwErrors = this.backupErrors.labels(exportName, 'cbw');
     filter.observer = {
       guestWaited: (seconds, ok) => {
         waits.inc();
         waitSeconds.observe(seconds);
-        if (!ok) failures.inc();
+        if (!ok) {
+          failures.inc();
+          cbwErrors.inc();
+        }
       },
     };
     jobs.on('job', (job: { engine: CopyEngine; on(ev: 'end', f: (state: string) => void): void }) => {

@@ -174,6 +174,10 @@ export class NbdConnection {
   }
 
   private readonly handle = (msg: ClientMessage): void => {
+    // The parser may hold more messages from the same chunk after we dropped
+    // the connection (ABORT, bad flags, unknown export): ignore them, or a GO
+    // would clear the handshake deadline and requests would still execute.
+    if (this.phase === 'closed' || this.socket.destroyed) return;
     switch (msg.type) {
       case 'protocolError':
         this.log(`protocol error: ${msg.message}`);

@@ -57,7 +57,10 @@ export class NbdServer {
 
   /** Start listening; resolves with the bound address once accepting. */
   async listen(addr: ListenAddress): Promise<net.AddressInfo | string> {
-    const server = net.createServer({ pauseOnConnect: false }, (s) => this.accept(s));
+    // allowHalfOpen: a client that half-closes after its requests still gets
+    // their replies (the connection drains, then ends its side); without it
+    // Node ends our side at once and the replies fail with EPIPE.
+    const server = net.createServer({ pauseOnConnect: false, allowHalfOpen: true }, (s) => this.accept(s));
     server.maxConnections = this.opts.maxConnections ?? 256;
     if (addr.socketPath) removeStaleSocket(addr.socketPath);
     await new Promise<void>((resolve, reject) => {

@@ -3,16 +3,30 @@
 import { FileTarget } from './file';
 import { NbdTarget } from './nbd';
 import type { BackupTarget, TargetOpenOptions } from './types';
+import { ChunkedTarget } from './chunked';
+import { isStoreSpec, openStore } from '../store/object-store';
+import { DEFAULT_CHUNK_SIZE } from '../store/layout';
 
 export function validateTargetSpec(spec: string): string | null {
   if (spec.startsWith('file:') && spec.length > 5) return null;
+  if (spec.startsWith('dir:') && spec.length > 4) return null;
+  if (/^s3:\/\/[^/]+/.test(spec)) return null;
   if (/^nbds?(\+unix)?:\/\//.test(spec)) return null;
-  return `unrecognised target "${spec}": use file:PATH, nbd[s]://HOST[:PORT]/EXPORT or nbd[s]+unix:///EXPORT?socket=PATH`;
+  return `unrecognised target "${spec}": use file:PATH, dir:PATH, s3://BUCKET/PREFIX, nbd[s]://HOST[:PORT]/EXPORT or nbd[s]+unix:///EXPORT?socket=PATH`;
 }
 
 export async function openTarget(spec: string, opts: TargetOpenOptions): Promise<BackupTarget> {
   const bad = validateTargetSpec(spec);
   if (bad) throw new Error(bad);
   if (spec.startsWith('file:')) return FileTarget.open(spec.slice(5), opts);
+  if (isStoreSpec(spec)) {
+    const store = await openStore(spec, opts.s3);
+    return new ChunkedTarget(store, {
+      size: opts.size,
+      chunkSize: opts.chunkSize ?? DEFAULT_CHUNK_SIZE,
+      source: opts.source ?? 'unknown',
+      version: opts.version ?? 'unknown',
+    });
+  }
   return NbdTarget.open(spec, opts);
 }

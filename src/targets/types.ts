@@ -1,3 +1,5 @@
+import type { S3Settings } from '../store/object-store';
+
 // Backup targets behind one small interface. The copy engine writes each
 // cluster's point-in-time content exactly once, in any order, and flushes
 // once at the end; a target need not support reads.
@@ -17,6 +19,10 @@ export interface BackupTarget {
   commit(): Promise<void>;
   /** Release resources; `completed` is false for failed or cancelled jobs. */
   close(completed: boolean): Promise<void>;
+  /** The job must copy in clusters of exactly this size (chunked targets). */
+  readonly requiredClusterSize?: number;
+  /** Target-specific counters for status and metrics (e.g. chunks uploaded). */
+  targetStats?(): Record<string, number>;
 }
 
 export interface TargetOpenOptions {
@@ -25,4 +31,10 @@ export interface TargetOpenOptions {
   /** The user says an existing target already reads as zeros (--target-is-zero). */
   targetIsZero?: boolean;
   maxInFlight?: number;
+  /** Chunked targets: chunk size (default 4 MiB). */
+  chunkSize?: number;
+  /** Chunked targets: recorded in the manifest. */
+  source?: string;
+  version?: string;
+  s3?: S3Settings;
 }
