@@ -67,7 +67,8 @@ export class CbwFilter implements BlockDevice {
    * the writes that were already forwarded have finished.
    */
   async attach(engine: CopyEngine, settings: CbwSettings): Promise<void> {
-    if (this.engine) throw new Error('a backup job is already attached to this export');
+    // An engine that has ended but whose job has not yet detached is replaced.
+    if (this.engine?.isIntercepting) throw new Error('a backup job is already attached to this export');
     this.engine = engine;
     this.settings = settings;
     const before = [...this.forwarded];

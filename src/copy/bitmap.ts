@@ -63,6 +63,24 @@ export class ClusterBitmap {
     }
   }
 
+  /** First set bit in [from, end), or -1; scans only that range. */
+  nextSetIn(from: number, end: number): number {
+    end = Math.min(end, this.length);
+    if (from >= end) return -1;
+    let w = from >>> 5;
+    const lastWord = (end - 1) >>> 5;
+    let word = this.words[w] & (0xffffffff << (from & 31));
+    for (;;) {
+      if (word !== 0) {
+        const i = (w << 5) + ctz(word >>> 0);
+        return i < end ? i : -1;
+      }
+      w++;
+      if (w > lastWord) return -1;
+      word = this.words[w];
+    }
+  }
+
   /** First clear bit at or after `from`, or `length`. */
   nextClear(from: number): number {
     if (from >= this.length) return this.length;

@@ -271,8 +271,9 @@ export class CopyEngine extends EventEmitter {
     const cs = this.opts.clusterSize;
     const first = Math.floor(offset / cs);
     const last = Math.min(Math.floor((offset + length - 1) / cs), this.clusters - 1);
-    const next = this.toCopy.nextSet(first);
-    if (next !== -1 && next <= last) return true;
+    // Only the words of this range: a mostly-copied 1 TiB bitmap must not be
+    // scanned on every guest write.
+    if (this.toCopy.nextSetIn(first, last + 1) !== -1) return true;
     if (this.reading.size === 0) return false;
     for (let c = first; c <= last; c++) if (this.reading.has(c)) return true;
     return false;
@@ -516,6 +517,17 @@ export class CopyEngine extends EventEmitter {
     }
   }
 
+  /** The next run of clusters to sweep, or null; claims nothing. */
+  private nextRun(maxRun: number): { first: number; end: number } | null {
+    let c = this.toCopy.nextSet(this.cursor);
+    if (c === -1 && this.cursor > 0) {
+      this.cursor = 0;
+      c = this.toCopy.nextSet(0);
+    }
+    if (c === -1 || c >= this.scannedTo) return null;
+    return { first: c, end: Math.min(this.toCopy.nextClear(c), c + maxRun, this.scannedTo) };
+  }
+
   private async worker(): Promise<void> {
     const maxRun = Math.max(1, Math.floor(this.opts.maxChunk / this.opts.clusterSize));
     while (this.isActive) {
@@ -530,26 +542,27 @@ export class CopyEngine extends EventEmitter {
       } catch {
         return; // job ended
       }
-      let c = this.toCopy.nextSet(this.cursor);
-      if (c === -1 && this.cursor > 0) {
-        this.cursor = 0;
-        c = this.toCopy.nextSet(0);
+      let run = this.stateValue === 'running' ? this.nextRun(maxRun) : null;
+      if (run && this.limiter.rate > 0) {
+        // Throttle before claiming: a guest write must never wait on the
+        // speed limit for clusters a throttled worker has claimed.
+        await this.limiter.take(this.clusterRange(run.first, run.end).length, () => !this.isActive);
+        run = this.stateValue === 'running' ? this.nextRun(maxRun) : null;
       }
-      if (c === -1 || c >= this.scannedTo || this.stateValue !== 'running') {
+      if (!run) {
         // Nothing to do now; a failed read may re-dirty clusters later, so
         // stay until the job ends.
         this.sweepBudget.release(budgetBytes);
         await wake;
         continue;
       }
-      const end = Math.min(this.toCopy.nextClear(c), c + maxRun, this.scannedTo);
+      const { first: c, end } = run;
       this.cursor = end;
       const { offset, length } = this.clusterRange(c, end);
       this.sweepBudget.release(budgetBytes - length);
       const task = this.claim(c, end);
       this.pendingAdds++;
       try {
-        await this.limiter.take(length, () => !this.isActive);
         const data = await this.source.read(offset, length);
         this.readFailures = 0;
         // Saved once read: the bytes are in memory on their way to the target.
