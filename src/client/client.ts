@@ -318,6 +318,20 @@ export class NbdClient extends EventEmitter {
 
   // ------------------------------------------------------------- requests
 
+  private corked = false;
+
+  /** Requests issued in the same tick leave in one writev. */
+  private corkForTick(): void {
+    if (this.corked) return;
+    this.corked = true;
+    const s = this.socket;
+    s.cork();
+    process.nextTick(() => {
+      this.corked = false;
+      s.uncork();
+    });
+  }
+
   private async slot(): Promise<void> {
     while (this.inFlight >= this.maxInFlight && !this.closedError) {
       await new Promise<void>((r) => this.slotWaiters.push(r));
@@ -350,14 +364,11 @@ export class NbdClient extends EventEmitter {
           error: null,
         });
         const header = build.requestHeader(flags, command, cookie, offset, length);
+        this.corkForTick();
+        this.socket.write(header);
         if (payload) {
-          this.socket.cork();
-          this.socket.write(header);
           if (Buffer.isBuffer(payload)) this.socket.write(payload);
           else for (const b of payload) this.socket.write(b);
-          this.socket.uncork();
-        } else {
-          this.socket.write(header);
         }
       });
     } finally {

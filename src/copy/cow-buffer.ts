@@ -30,6 +30,8 @@ export interface BufferedRun {
   release: (() => void) | null;
   /** Settled when the run reached the target (or the buffer stopped). */
   written: (() => void) | null;
+  /** Saved for a guest write: written before background runs. */
+  urgent: boolean;
 }
 
 export interface RunToAdd {
@@ -39,6 +41,7 @@ export interface RunToAdd {
   data: Buffer | null;
   release?: () => void;
   written?: () => void;
+  urgent?: boolean;
 }
 
 export interface CowBufferOptions {
@@ -68,6 +71,12 @@ export interface CowBufferEvents {
 export class CowBuffer {
   readonly ram: Budget;
   private readonly queue = new Set<BufferedRun>();
+  /**
+   * The guest-saved subset of `queue`: written first, so a guest waiting on
+   * the target (--buffer 0) or for room in RAM is not stuck behind the
+   * background sweep's data (seed 003's priority for awaited clusters).
+   */
+  private readonly urgentQueue = new Set<BufferedRun>();
   private readonly byStart = new Map<number, BufferedRun>();
   private readonly byEnd = new Map<number, BufferedRun>();
   private activeWriters = 0;
@@ -150,6 +159,7 @@ export class CowBuffer {
       writing: false,
       release: r.release ?? null,
       written: r.written ?? null,
+      urgent: !!r.urgent,
     };
     if (run.where === 'spill') {
       run.slots = await this.spillWrite(run.data as Buffer);
@@ -160,6 +170,7 @@ export class CowBuffer {
       return;
     }
     this.queue.add(run);
+    if (run.urgent) this.urgentQueue.add(run);
     this.byStart.set(run.offset, run);
     this.byEnd.set(run.offset + run.length, run);
     this.pump();
@@ -178,6 +189,7 @@ export class CowBuffer {
     this.stopped = true;
     for (const run of this.queue) this.free(run);
     this.queue.clear();
+    this.urgentQueue.clear();
     this.byStart.clear();
     this.byEnd.clear();
     this.ram.abort(reason);
@@ -201,10 +213,18 @@ export class CowBuffer {
   /** The oldest queued run plus its queued neighbours on both sides. */
   private takeGroup(): BufferedRun[] | null {
     let first: BufferedRun | null = null;
-    for (const r of this.queue) {
+    for (const r of this.urgentQueue) {
       if (!r.writing) {
         first = r;
         break;
+      }
+    }
+    if (!first) {
+      for (const r of this.queue) {
+        if (!r.writing) {
+          first = r;
+          break;
+        }
       }
     }
     if (!first) return null;
@@ -252,6 +272,7 @@ export class CowBuffer {
     }
     for (const r of group) {
       this.queue.delete(r);
+      this.urgentQueue.delete(r);
       this.byStart.delete(r.offset);
       this.byEnd.delete(r.offset + r.length);
       this.free(r);

@@ -192,6 +192,16 @@ export class NbdDevice implements BlockDevice {
     return this.withClient((c) => c.blockStatus(offset, Math.min(length, 0xffffffff - 0xffff)));
   }
 
+  async reopen(): Promise<BlockDevice> {
+    if (!this.addr) throw new Error('no address to reconnect to');
+    const dev = await NbdDevice.open(this.addr, this.opts);
+    if (dev.size !== this.size) {
+      await dev.close();
+      throw new Error(`source size changed from ${this.size} to ${dev.size} bytes`);
+    }
+    return dev;
+  }
+
   async close(): Promise<void> {
     this.closed = true;
     await this.client.close();

@@ -79,4 +79,9 @@ export interface BlockDevice {
    */
   blockStatus(offset: number, length: number): Promise<Extent[]>;
   close(): Promise<void>;
+  /**
+   * A second, independent handle on the same disk (another NBD connection),
+   * so bulk background reads do not queue in front of guest requests.
+   */
+  reopen?(): Promise<BlockDevice>;
 }

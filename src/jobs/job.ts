@@ -237,9 +237,14 @@ export class JobManager extends EventEmitter {
       if (target.requiredClusterSize) opts.clusterSize = target.requiredClusterSize;
       if (opts.maxChunk < opts.clusterSize) opts.maxChunk = opts.clusterSize;
       let engine: CopyEngine;
+      // A second connection for the bulk sweep, where the source offers one:
+      // 4 MiB background reads must not queue in front of guest requests.
+      const source = this.filter.next;
+      const sweepSource = source.reopen ? await source.reopen().catch(() => undefined) : undefined;
       try {
-        engine = new CopyEngine(this.filter.next, target, opts);
+        engine = new CopyEngine(source, target, opts, sweepSource);
       } catch (e) {
+        await sweepSource?.close().catch(() => undefined);
         throw new RequestError(400, (e as Error).message);
       }
       const policy = req.onCbwError ?? 'break-snapshot';

@@ -169,8 +169,28 @@ export class NbdConnection {
     this.opts.log?.(msg);
   }
 
+  private corked = false;
+
+  /**
+   * Replies finishing in the same tick leave in one writev: cork on the
+   * first, uncork on the next tick. The closure keeps the socket it corked,
+   * since STARTTLS swaps this.socket in between.
+   */
+  private corkForTick(): void {
+    if (this.corked) return;
+    this.corked = true;
+    const s = this.socket;
+    s.cork();
+    process.nextTick(() => {
+      this.corked = false;
+      s.uncork();
+    });
+  }
+
   private send(buf: Buffer): void {
-    if (this.phase !== 'closed') this.socket.write(buf);
+    if (this.phase === 'closed') return;
+    this.corkForTick();
+    this.socket.write(buf);
   }
 
   private readonly handle = (msg: ClientMessage): void => {
@@ -544,10 +564,9 @@ export class NbdConnection {
   /** Header and payload leave in one write so the kernel sees them together. */
   private sendPair(header: Buffer, data: Buffer): void {
     if (this.phase === 'closed') return;
-    this.socket.cork();
+    this.corkForTick();
     this.socket.write(header);
     this.socket.write(data);
-    this.socket.uncork();
   }
 
   private replyOk(cookie: bigint): void {
