@@ -118,12 +118,27 @@ export class CopyEngine extends EventEmitter {
     guestCopies: 0,
   };
 
+  /** Where the background sweep and the block-status scan read from. */
+  private readonly sweepSource: BlockDevice;
+
+  /**
+   * `source` serves guest-triggered copies; `sweepSource`, if given, is a
+   * separate handle for the bulk sweep (closed when the job ends).
+   */
   constructor(
     private readonly source: BlockDevice,
     private readonly target: BackupTarget,
     private readonly opts: CopyEngineOptions,
+    sweepSource?: BlockDevice,
   ) {
     super();
+    this.sweepSource = sweepSource ?? source;
+    if (sweepSource && sweepSource !== source) {
+      this.finished.promise.then(
+        () => sweepSource.close(),
+        () => sweepSource.close(),
+      ).catch(() => undefined);
+    }
     const cs = opts.clusterSize;
     if (cs <= 0 || (cs & (cs - 1)) !== 0) throw new Error(`cluster size ${cs} is not a power of two`);
     if (opts.maxChunk < cs) throw new Error(`max chunk ${opts.maxChunk} is smaller than the cluster size ${cs}`);
@@ -317,9 +332,17 @@ export class CopyEngine extends EventEmitter {
     if (started > 0) this.stats.guestCopies += started;
   }
 
+  /**
+   * Largest run read at once: a run reaches the target as one write, so it
+   * must fit the target's largest write as well as maxChunk.
+   */
+  private runBytes(): number {
+    return Math.min(this.opts.maxChunk, this.target.maxWrite);
+  }
+
   private guestRunClusters(): number {
     const cs = this.opts.clusterSize;
-    let bytes = this.opts.maxChunk;
+    let bytes = this.runBytes();
     if (this.opts.bufferBytes > 0 && !this.opts.spillDir) bytes = Math.min(bytes, this.opts.bufferBytes);
     return Math.max(1, Math.floor(bytes / cs));
   }
@@ -365,7 +388,7 @@ export class CopyEngine extends EventEmitter {
         return;
       }
       const written = new Deferred();
-      await this.store(task.first, data, null, written);
+      await this.store(task.first, data, null, written, 'ram', true);
       await written.promise;
       this.release(task, true);
       return;
@@ -386,8 +409,8 @@ export class CopyEngine extends EventEmitter {
       return;
     }
     try {
-      if (where === 'ram') await this.store(task.first, data, this.buffer.ramRelease.bind(this.buffer), null);
-      else await this.store(task.first, data, null, null, 'spill');
+      if (where === 'ram') await this.store(task.first, data, this.buffer.ramRelease.bind(this.buffer), null, 'ram', true);
+      else await this.store(task.first, data, null, null, 'spill', true);
     } catch (e) {
       this.fail(e instanceof Error ? e : new Error(String(e)));
     }
@@ -412,6 +435,7 @@ export class CopyEngine extends EventEmitter {
     releaseFor: ((bytes: number) => () => void) | null,
     written: Deferred | null,
     where: 'ram' | 'spill' = 'ram',
+    urgent = false,
   ): Promise<void> {
     const cs = this.opts.clusterSize;
     const base = first * cs;
@@ -432,7 +456,7 @@ export class CopyEngine extends EventEmitter {
           return;
         }
         pendingWrites++;
-        adds.push(this.buffer.add({ offset: base + from, length, where: 'zero', data: null, written: onWritten }));
+        adds.push(this.buffer.add({ offset: base + from, length, where: 'zero', data: null, written: onWritten, urgent }));
         return;
       }
       this.stats.bytesCopied += length;
@@ -445,6 +469,7 @@ export class CopyEngine extends EventEmitter {
           data: data.subarray(from, to),
           release: releaseFor?.(length),
           written: onWritten,
+          urgent,
         }),
       );
     };
@@ -479,7 +504,7 @@ export class CopyEngine extends EventEmitter {
     let offset = 0;
     try {
       while (offset < size && this.isActive) {
-        const extents = await this.source.blockStatus(offset, Math.min(size - offset, 0x80000000));
+        const extents = await this.sweepSource.blockStatus(offset, Math.min(size - offset, 0x80000000));
         if (extents.length === 0) break;
         for (const e of extents) {
           if (e.length <= 0) break;
@@ -524,12 +549,19 @@ export class CopyEngine extends EventEmitter {
       this.cursor = 0;
       c = this.toCopy.nextSet(0);
     }
-    if (c === -1 || c >= this.scannedTo) return null;
+    if (c === -1) return null;
+    if (c >= this.scannedTo) {
+      // Nothing set in [cursor, scannedTo) now: start there next time, or
+      // every wake-up during the scan rescans the skipped (cleared) part of
+      // the bitmap, quadratic on a large sparse disk.
+      this.cursor = this.scannedTo;
+      return null;
+    }
     return { first: c, end: Math.min(this.toCopy.nextClear(c), c + maxRun, this.scannedTo) };
   }
 
   private async worker(): Promise<void> {
-    const maxRun = Math.max(1, Math.floor(this.opts.maxChunk / this.opts.clusterSize));
+    const maxRun = Math.max(1, Math.floor(this.runBytes() / this.opts.clusterSize));
     while (this.isActive) {
       if (this.stateValue === 'paused') {
         await this.wake.promise;
@@ -563,7 +595,7 @@ export class CopyEngine extends EventEmitter {
       const task = this.claim(c, end);
       this.pendingAdds++;
       try {
-        const data = await this.source.read(offset, length);
+        const data = await this.sweepSource.read(offset, length);
         this.readFailures = 0;
         // Saved once read: the bytes are in memory on their way to the target.
         const stored = this.store(c, data, (n) => () => this.sweepBudget.release(n), null);
@@ -582,6 +614,9 @@ export class CopyEngine extends EventEmitter {
         await sleep(backoffMs(this.readFailures, this.opts.retryBaseMs, this.opts.retryMaxMs));
       } finally {
         this.pendingAdds--;
+        // The last run may have needed no target write (all zero on a
+        // target that reads as zero): nothing else would check for the end.
+        this.maybeComplete();
       }
     }
   }
