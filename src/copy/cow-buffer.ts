@@ -187,6 +187,8 @@ export class CowBuffer {
   /** Drop everything (job failed or cancelled): frees RAM and the spill file. */
   stop(reason: Error): void {
     this.stopped = true;
+    this.pool.clear();
+    this.pooledBytes = 0;
     for (const run of this.queue) this.free(run);
     this.queue.clear();
     this.urgentQueue.clear();
@@ -287,6 +289,34 @@ export class CowBuffer {
   /** A reservation made with reserve() released as a run's `release`. */
   ramRelease(bytes: number): () => void {
     return () => this.ram.release(bytes);
+  }
+
+  /**
+   * Buffers for saved old data, reused once their runs reached the target.
+   * Saved data lives for seconds, long enough to be promoted to V8's old
+   * generation if freshly allocated each time; reuse keeps the guest path
+   * from feeding the expensive collections. Pooled bytes never exceed the
+   * RAM budget.
+   */
+  private readonly pool = new Map<number, Buffer[]>();
+  private pooledBytes = 0;
+
+  takeBuffer(length: number): Buffer {
+    const free = this.pool.get(length);
+    const b = free?.pop();
+    if (b) {
+      this.pooledBytes -= length;
+      return b;
+    }
+    return Buffer.allocUnsafeSlow(length);
+  }
+
+  giveBuffer(b: Buffer): void {
+    if (this.stopped || this.pooledBytes + b.length > this.opts.ramBytes) return;
+    let free = this.pool.get(b.length);
+    if (!free) this.pool.set(b.length, (free = []));
+    free.push(b);
+    this.pooledBytes += b.length;
   }
 
   private free(run: BufferedRun): void {

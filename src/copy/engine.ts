@@ -400,17 +400,28 @@ export class CopyEngine extends EventEmitter {
       this.release(task, true); // the buffer stopped: the job is over
       return;
     }
+    // RAM runs read into a pooled buffer that goes back to the pool when the
+    // last piece of it reached the target.
+    const pooled = where === 'ram' ? this.buffer.takeBuffer(length) : null;
     let data: Buffer;
     try {
-      data = await this.source.read(offset, length);
+      data = await this.source.read(offset, length, pooled ?? undefined);
     } catch (e) {
       this.buffer.unreserve(where, length);
+      if (pooled) this.buffer.giveBuffer(pooled);
       this.readFailed(task, e);
       return;
     }
     try {
-      if (where === 'ram') await this.store(task.first, data, this.buffer.ramRelease.bind(this.buffer), null, 'ram', true);
-      else await this.store(task.first, data, null, null, 'spill', true);
+      if (where === 'ram') {
+        let left = length;
+        const releaseFor = (n: number) => () => {
+          this.buffer.ram.release(n);
+          left -= n;
+          if (left === 0 && pooled) this.buffer.giveBuffer(pooled);
+        };
+        await this.store(task.first, data, releaseFor, null, 'ram', true);
+      } else await this.store(task.first, data, null, null, 'spill', true);
     } catch (e) {
       this.fail(e instanceof Error ? e : new Error(String(e)));
     }
