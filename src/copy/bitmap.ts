@@ -81,6 +81,21 @@ export class ClusterBitmap {
     }
   }
 
+  /** First clear bit in [from, end), or `end`; scans only that range. */
+  nextClearIn(from: number, end: number): number {
+    end = Math.min(end, this.length);
+    if (from >= end) return end;
+    let w = from >>> 5;
+    const lastWord = (end - 1) >>> 5;
+    let word = ~this.words[w] & (0xffffffff << (from & 31));
+    for (;;) {
+      if (word !== 0) return Math.min((w << 5) + ctz(word >>> 0), end);
+      w++;
+      if (w > lastWord) return end;
+      word = ~this.words[w];
+    }
+  }
+
   /** First clear bit at or after `from`, or `length`. */
   nextClear(from: number): number {
     if (from >= this.length) return this.length;

@@ -308,15 +308,31 @@ export class CowBuffer {
       this.pooledBytes -= length;
       return b;
     }
+    // A fresh allocation (its bytes were just reserved): drop pooled buffers
+    // of other sizes so that RAM in use plus RAM pooled stays within budget.
+    this.trimPool();
     return Buffer.allocUnsafeSlow(length);
   }
 
   giveBuffer(b: Buffer): void {
-    if (this.stopped || this.pooledBytes + b.length > this.opts.ramBytes) return;
+    // Pooled buffers are held RAM too: in use plus pooled never exceeds the
+    // budget (--buffer), or the pool could double the process's footprint.
+    if (this.stopped || this.pooledBytes + this.ram.inUse + b.length > this.opts.ramBytes) return;
     let free = this.pool.get(b.length);
     if (!free) this.pool.set(b.length, (free = []));
     free.push(b);
     this.pooledBytes += b.length;
+  }
+
+  private trimPool(): void {
+    for (const [length, free] of this.pool) {
+      if (this.pooledBytes + this.ram.inUse <= this.opts.ramBytes) return;
+      while (free.length > 0 && this.pooledBytes + this.ram.inUse > this.opts.ramBytes) {
+        free.pop();
+        this.pooledBytes -= length;
+      }
+      if (free.length === 0) this.pool.delete(length);
+    }
   }
 
   private free(run: BufferedRun): void {

@@ -543,7 +543,9 @@ export class CopyEngine extends EventEmitter {
     // Only clusters still untouched: a set bit means no guest write has
     // reached them since the start, so "zero now" is "zero at the start".
     for (let c = this.toCopy.nextSet(first); c !== -1 && c < last; ) {
-      const runEnd = Math.min(this.toCopy.nextClear(c), last);
+      // Bounded: past `last` every unscanned cluster is still set, and an
+      // unbounded search would walk them all on each block-status reply.
+      const runEnd = this.toCopy.nextClearIn(c, last);
       this.toCopy.clearRange(c, runEnd);
       const { offset, length } = this.clusterRange(c, runEnd);
       this.stats.bytesSkipped += length;

@@ -1,0 +1,367 @@
+// Driving backup jobs with the CLI (`nbd-cbw backup ...`) against a real
+// nbd-cbw serving a file, with nbdkit targets and qemu-io as the guest:
+//
+// - cancel mid-way: `backup cancel`, then `backup wait` exits non-zero, the
+//   status says cancelled (and stays so), the buffer is empty, the guest
+//   writes freely, and a new job can start and completes exactly;
+// - pause and resume (with --speed to keep it slow): bytesDone stands still
+//   while paused, moves again after resume; the result is exact;
+// - buffer full without spill: a one-cluster --buffer, a slow target and a
+//   guest writing over unsaved clusters: writes wait, nothing is lost;
+// - a target failing every write (nbdkit error filter), under both
+//   policies: break-snapshot, the guest sees no error and the job ends
+//   failed with a reason; break-guest-write with --buffer 0, the guest write
+//   fails with EIO (the source keeps its old data), the job ends failed;
+// - CBW timeout: --cbw-timeout 200ms, --buffer 0, a target whose writes
+//   hang (delay filter wdelay=30, i.e. 30 s; nbdkit 1.32 rejects "30s"): break-snapshot lets the write through after
+//   ~200 ms and fails the job; break-guest-write fails the write, the job
+//   keeps running;
+// - `status --json` fields; clear one-line errors for bad input (bad target
+//   URI, --buffer 12Q, a second job while one runs: 409).
+
+import t, { type Test } from 'tap';
+import * as fs from 'node:fs';
+import { MiB, readAt, sleep, startNbdCbw, startNbdkit, tmpPath, type Peer } from './helpers/peers';
+import {
+  backupAction,
+  backupStart,
+  backupStatus,
+  backupWait,
+  cli,
+  compareImages,
+  controlHttp,
+  controlOf,
+  guestCommands,
+  makeMixedImage,
+  nbdToFile,
+  qemuIo,
+  waitStatus,
+  type JobJson,
+} from './helpers/cbw';
+import { mulberry32 } from './helpers/peers';
+
+const SIZE = 64 * MiB;
+
+interface Rig {
+  image: string;
+  snapshot: string;
+  cbw: Peer;
+  control: string;
+}
+
+/** An image, nbd-cbw serving it, and the point-in-time copy taken now. */
+async function serve(t: Test, seed: number, size = SIZE): Promise<Rig> {
+  const image = tmpPath(t, 'disk', '.raw');
+  const snapshot = tmpPath(t, 'snap', '.raw');
+  makeMixedImage(image, size, seed);
+  const cbw = await startNbdCbw(t, ['--source', `file:${image}`]);
+  fs.copyFileSync(image, snapshot);
+  return { image, snapshot, cbw, control: controlOf(cbw) };
+}
+
+function memoryTarget(t: Test, filters: string[] = [], params: string[] = [], size = SIZE): Promise<Peer> {
+  return startNbdkit(t, [...filters, 'memory', String(size), ...params]);
+}
+
+async function checkTarget(t: Test, targetUri: string, snapshot: string, what: string): Promise<void> {
+  const out = tmpPath(t, 'readback', '.raw');
+  await nbdToFile(targetUri, out);
+  const diff = compareImages(snapshot, out);
+  t.equal(diff, null, diff ? `${what}: target differs: ${diff}` : `${what}: target equals the point-in-time image`);
+}
+
+function oneLine(t: Test, stderr: string, re: RegExp, what: string): void {
+  const lines = stderr.trim().split('\n');
+  t.equal(lines.length, 1, `${what}: one line on stderr (${JSON.stringify(stderr.trim())})`);
+  t.match(lines[0], re, `${what}: says why`);
+}
+
+// ------------------------------------------------------------------ cancel
+
+t.test('cancel mid-way', async (t) => {
+  // Target first: teardowns run in reverse, so nbd-cbw (its client) stops first.
+  const target = await memoryTarget(t, ['--filter=rate'], ['rate=200M']);
+  const r = await serve(t, 101);
+  const job = await backupStart(r.control, target.uri, ['--speed', '2M']);
+  t.match(job.state, /^(running|starting)$/, `started ${job.id}`);
+  await waitStatus(r.control, (s) => s.bytesDone > 0, 'some progress');
+
+  const c = await backupAction(r.control, 'cancel');
+  t.equal(c.id, job.id, 'cancel answers for the job');
+  t.equal(c.state, 'cancelled', '`backup cancel` reports cancelled');
+
+  const w = await backupWait(r.control, job.id, 30_000);
+  t.not(w.code, 0, `backup wait exits non-zero (${w.code})`);
+  t.equal(w.last?.state, 'cancelled', 'wait saw cancelled');
+
+  const s = await backupStatus(r.control, job.id);
+  t.equal(s.state, 'cancelled', 'status: cancelled');
+  t.match(s.error ?? '', /cancel/, `status has a reason (${s.error})`);
+  t.ok(s.bytesDone < s.bytesTotal, `stopped mid-way (${s.bytesDone} of ${s.bytesTotal})`);
+  await waitStatus(r.control, (x) => x.bufferBytes === 0, 'buffer released', 5000);
+  await sleep(1000);
+  const later = await backupStatus(r.control, job.id);
+  t.equal(later.state, 'cancelled', 'a second later: still cancelled, never completed');
+  t.equal(later.bytesDone, s.bytesDone, 'and no further progress');
+
+  // The guest writes freely; pause/resume/cancel of an ended job are refused.
+  const g = await qemuIo(r.cbw.uri, ['write -P 0x66 60M 1M', 'read -P 0x66 60M 1M']);
+  t.equal(g.code, 0, 'guest writes after the cancel', { output: g.describe() });
+  const again = await cli(['backup', 'cancel', job.id, '--control', r.control]);
+  t.not(again.code, 0, 'cancelling an ended job fails');
+  oneLine(t, again.stderr, /job is cancelled/, 'cancel again');
+
+  // A new job can start at once and completes with the disk as it is now.
+  const snap2 = tmpPath(t, 'snap2', '.raw');
+  fs.copyFileSync(r.image, snap2);
+  const target2 = tmpPath(t, 'target2', '.raw');
+  const job2 = await backupStart(r.control, `file:${target2}`);
+  t.not(job2.id, job.id, 'a new job');
+  const w2 = await backupWait(r.control, job2.id, 60_000);
+  t.equal(w2.code, 0, 'the new job completes');
+  const diff = compareImages(snap2, target2);
+  t.equal(diff, null, diff ? `second job: ${diff}` : 'second job: target equals the disk at its start');
+});
+
+// ------------------------------------------------------------ pause/resume
+
+t.test('pause and resume', async (t) => {
+  const target = await memoryTarget(t);
+  const r = await serve(t, 202);
+  const job = await backupStart(r.control, target.uri, ['--speed', '4M', '--max-chunk', '1M']);
+  await waitStatus(r.control, (s) => s.bytesDone >= 2 * MiB, 'some progress');
+
+  const p = await backupAction(r.control, 'pause');
+  t.equal(p.state, 'paused', '`backup pause` reports paused');
+  await sleep(600); // what was already read drains to the (fast) target
+  const a = await backupStatus(r.control);
+  await sleep(1500);
+  const b = await backupStatus(r.control);
+  t.equal(b.state, 'paused', 'still paused');
+  t.equal(b.bytesDone, a.bytesDone, `bytesDone does not advance while paused (${a.bytesDone})`);
+  t.ok(b.bytesDone < b.bytesTotal, 'not finished');
+
+  const res = await backupAction(r.control, 'resume');
+  t.equal(res.state, 'running', '`backup resume` reports running');
+  const moved = await waitStatus(r.control, (s) => s.bytesDone > b.bytesDone, 'progress after resume', 10_000);
+  t.ok(moved.bytesDone > b.bytesDone, `bytesDone moves again (${moved.bytesDone})`);
+
+  // Now a guest writes (the checks above are done) and the job finishes.
+  const g = await qemuIo(r.cbw.uri, guestCommands(mulberry32(202), SIZE, 150));
+  t.equal(g.code, 0, 'guest writes', { output: g.code ? g.describe() : undefined });
+  const sp = await cli(['backup', 'set-speed', '0', '--control', r.control]);
+  t.equal(sp.code, 0, 'set-speed 0', { output: sp.code ? sp.describe() : undefined });
+  const w = await backupWait(r.control, job.id, 60_000);
+  t.equal(w.code, 0, 'completed');
+  await checkTarget(t, target.uri, r.snapshot, 'after pause/resume');
+});
+
+// --------------------------------------------------------- buffer full
+
+t.test('buffer full without spill: guest writes wait, nothing is lost', async (t) => {
+  const rateFile = tmpPath(t, 'rate');
+  const target = await memoryTarget(t, ['--filter=delay', '--filter=rate'], ['wdelay=5ms', 'rate=100M', 'burstiness=0.5', `rate-file=${rateFile}`]);
+  const r = await serve(t, 303);
+  const job = await backupStart(r.control, target.uri, ['--buffer', '64K', '--speed', '4M']);
+  t.equal(job.bufferCapacity, 64 * 1024, 'buffer capacity 64 KiB (one cluster)');
+  const started = Date.now();
+  // Writes over the upper half, which the slow sweep reaches last.
+  const cmds: string[] = [];
+  for (let i = 0; i < 40; i++) cmds.push(`write -P 0x${(i + 1).toString(16)} ${32 * MiB + i * 800 * 1024} 128k`);
+  const g = await qemuIo(r.cbw.uri, cmds);
+  const guestMs = Date.now() - started;
+  t.equal(g.code, 0, 'every guest write succeeded', { output: g.code ? g.describe() : undefined });
+  const mid = await backupStatus(r.control);
+  t.ok(mid.guestCopies > 0, `guest writes had clusters saved (${mid.guestCopies})`);
+  t.ok(mid.bufferHighWater <= 64 * 1024, `the buffer never held more than 64 KiB (peak ${mid.bufferHighWater})`);
+  t.equal(mid.spillBytes, 0, 'no spill');
+  t.comment(`guest took ${guestMs} ms for 40 x 128 KiB writes`);
+  await sleep(10); // let the sweep run a bit more, then lift the limits
+  await cli(['backup', 'set-speed', '0', '--control', r.control]);
+  fs.writeFileSync(`${rateFile}.new`, '10G\n');
+  fs.renameSync(`${rateFile}.new`, rateFile);
+  const w = await backupWait(r.control, job.id, 90_000);
+  t.equal(w.code, 0, 'job completed');
+  t.ok((w.last?.bufferHighWater ?? Infinity) <= 64 * 1024, `peak buffer ${w.last?.bufferHighWater} <= 64 KiB`);
+  await checkTarget(t, target.uri, r.snapshot, 'tiny buffer');
+});
+
+// ------------------------------------------------------ failing target
+
+const ERROR_TARGET = ['--filter=error'];
+const ERROR_PARAMS = ['error=EIO', 'error-pwrite-rate=100%', 'error-zero-rate=100%'];
+
+t.test('target failing every write, break-snapshot: the guest sees nothing, the job fails with a reason', async (t) => {
+  const target = await memoryTarget(t, ERROR_TARGET, ERROR_PARAMS);
+  const r = await serve(t, 404);
+  const job = await backupStart(r.control, target.uri, ['--buffer', '256M', '--on-cbw-error', 'break-snapshot']);
+  t.equal(job.onCbwError, 'break-snapshot', 'policy break-snapshot');
+  const g = await qemuIo(r.cbw.uri, guestCommands(mulberry32(404), SIZE, 150));
+  t.equal(g.code, 0, 'guest: no error', { output: g.code ? g.describe() : undefined });
+  t.notMatch(g.stdout + g.stderr, /failed|error/i, 'no error in the guest output');
+  const w = await backupWait(r.control, job.id, 60_000);
+  t.not(w.code, 0, `backup wait exits non-zero (${w.code})`);
+  const s = await backupStatus(r.control, job.id);
+  t.equal(s.state, 'failed', 'job failed');
+  t.match(s.error ?? '', /target write at \d+\+\d+ failed after \d+ attempts/, `with a reason: ${s.error}`);
+  t.ok(s.targetRetries > 0, `retries counted (${s.targetRetries})`);
+  const g2 = await qemuIo(r.cbw.uri, ['write -P 0x77 10M 1M', 'read -P 0x77 10M 1M']);
+  t.equal(g2.code, 0, 'guest still fine after the job failed', { output: g2.code ? g2.describe() : undefined });
+});
+
+t.test('target failing every write, break-guest-write: the guest write fails with EIO, the source keeps its data', async (t) => {
+  const target = await memoryTarget(t, ERROR_TARGET, ERROR_PARAMS);
+  const r = await serve(t, 505);
+  const job = await backupStart(r.control, target.uri, ['--buffer', '0', '--on-cbw-error', 'break-guest-write', '--cbw-timeout', '500ms']);
+  t.equal(job.onCbwError, 'break-guest-write', 'policy break-guest-write');
+  // The sweep reads at most 32 MiB ahead and its target writes fail: the
+  // last cluster of the disk is not saved; writing it needs a target write.
+  const off = SIZE - 64 * 1024;
+  const before = readAt(r.image, off, 4096);
+  const started = Date.now();
+  const g = await qemuIo(r.cbw.uri, [`write -P 0x99 ${off} 4k`]);
+  const ms = Date.now() - started;
+  t.match(g.stdout + g.stderr, /write failed: Input\/output error/, `the guest write fails with EIO after ${ms} ms`);
+  t.ok(readAt(r.image, off, 4096).equals(before), 'the write was not forwarded: the source keeps its old data');
+  const st = await backupStatus(r.control, job.id);
+  t.ok(st.state === 'running' || st.state === 'failed', `job state ${st.state}`);
+  const w = await backupWait(r.control, job.id, 60_000);
+  t.not(w.code, 0, 'backup wait exits non-zero');
+  const s = await backupStatus(r.control, job.id);
+  t.equal(s.state, 'failed', 'job failed');
+  t.match(s.error ?? '', /target write at \d+\+\d+ failed after \d+ attempts/, `with a reason: ${s.error}`);
+  const g2 = await qemuIo(r.cbw.uri, [`write -P 0x99 ${off} 4k`, `read -P 0x99 ${off} 4k`]);
+  t.equal(g2.code, 0, 'once the job is over the same write succeeds', { output: g2.code ? g2.describe() : undefined });
+});
+
+// ---------------------------------------------------------- CBW timeout
+
+for (const policy of ['break-snapshot', 'break-guest-write'] as const) {
+  t.test(`CBW timeout 200ms on a hanging target, --buffer 0, ${policy}`, async (t) => {
+    const target = await memoryTarget(t, ['--filter=delay'], ['wdelay=30', 'delay-zero=30']);
+    const r = await serve(t, 606);
+    const job = await backupStart(r.control, target.uri, ['--buffer', '0', '--cbw-timeout', '200ms', '--on-cbw-error', policy]);
+    await sleep(300); // the sweep reads ahead and hangs on the target
+    const off = SIZE - 64 * 1024;
+    const before = readAt(r.image, off, 4096);
+    const started = Date.now();
+    const g = await qemuIo(r.cbw.uri, [`write -P 0x42 ${off} 4k`], 20_000);
+    const ms = Date.now() - started;
+    t.ok(ms >= 200, `the guest write waited for the timeout (${ms} ms incl. qemu-io start)`);
+    t.ok(ms < 10_000, 'but not for the hanging target');
+    const s = await backupStatus(r.control, job.id);
+    if (policy === 'break-snapshot') {
+      t.equal(g.code, 0, 'the guest write succeeded', { output: g.code ? g.describe() : undefined });
+      // qemu-io times the write itself: "4 KiB, 1 ops; 00.20 sec (...)".
+      const m = /ops; (?:(\d+):)?(\d+\.\d+) sec/.exec(g.stdout);
+      const secs = m ? Number(m[1] ?? 0) * 60 + Number(m[2]) : NaN;
+      t.ok(secs >= 0.19 && secs < 5, `the write itself took ${secs} s: the 200 ms timeout, not the 30 s target`);
+      t.notMatch(g.stdout, /failed/, 'no error reported to the guest');
+      t.ok(readAt(r.image, off, 4096).equals(Buffer.alloc(4096, 0x42)), 'and reached the source');
+      t.equal(s.state, 'failed', 'job failed');
+      t.match(s.error ?? '', /copy-before-write failed \(copy-before-write timed out after 200 ms\)/, `reason: ${s.error}`);
+      const w = await backupWait(r.control, job.id, 10_000);
+      t.not(w.code, 0, 'backup wait exits non-zero');
+    } else {
+      t.match(g.stdout + g.stderr, /write failed: Input\/output error/, 'the guest write failed with EIO');
+      t.ok(readAt(r.image, off, 4096).equals(before), 'the source keeps its old data');
+      t.equal(s.state, 'running', 'the job keeps running (the snapshot is still valid)');
+      t.equal(s.error, null, 'no error on the job');
+      const c = await backupAction(r.control, 'cancel');
+      t.equal(c.state, 'cancelled', 'cancelled to finish');
+    }
+  });
+}
+
+// ---------------------------------------------------------- status --json
+
+t.test('status --json', async (t) => {
+  const target = await memoryTarget(t);
+  const r = await serve(t, 707);
+  const job = await backupStart(r.control, target.uri, ['--speed', '4M', '--buffer', '32M']);
+  const check = (s: JobJson, when: string) => {
+    t.type(s.id, 'string', `${when}: id`);
+    t.equal(s.id, job.id, `${when}: the job's id`);
+    t.match(s.state, /^(starting|running|paused|completed|failed|cancelled)$/, `${when}: state ${s.state}`);
+    t.type(s.bytesDone, 'number', `${when}: bytesDone`);
+    t.equal(s.bytesTotal, SIZE, `${when}: bytesTotal is the disk size`);
+    t.ok(s.bytesDone >= 0 && s.bytesDone <= s.bytesTotal, `${when}: 0 <= bytesDone <= bytesTotal`);
+    t.type(s.bufferBytes, 'number', `${when}: bufferBytes`);
+    t.equal(s.bufferCapacity, 32 * MiB, `${when}: bufferCapacity`);
+    t.ok('error' in s, `${when}: error present`);
+  };
+  const running = await backupStatus(r.control);
+  check(running, 'running');
+  t.equal(running.error, null, 'running: error is null');
+  const byId = await backupStatus(r.control, job.id);
+  t.equal(byId.id, job.id, 'status JOB works too');
+  // The human form is several lines naming the job.
+  const human = await cli(['backup', 'status', '--control', r.control]);
+  t.match(human.stdout, new RegExp(`job ${job.id}: (running|starting|completed)`), 'plain status names the job and state');
+  await cli(['backup', 'set-speed', '0', '--control', r.control]);
+  const w = await backupWait(r.control, job.id, 60_000);
+  t.equal(w.code, 0, 'completed');
+  const done = await backupStatus(r.control, job.id);
+  check(done, 'completed');
+  t.equal(done.state, 'completed', 'state completed');
+  t.equal(done.bytesDone, done.bytesTotal, 'bytesDone = bytesTotal');
+  t.equal(done.bufferBytes, 0, 'buffer empty');
+  t.equal(done.error, null, 'no error');
+});
+
+// ------------------------------------------------------------ bad input
+
+t.test('bad input gets clear one-line errors', async (t) => {
+  const target = await memoryTarget(t, ['--filter=rate'], ['rate=100M']);
+  const r = await serve(t, 808);
+
+  const bogus = await cli(['backup', 'start', '--control', r.control, '--target', 'bogus:xyz']);
+  t.not(bogus.code, 0, 'bad target URI: non-zero exit');
+  oneLine(t, bogus.stderr, /^nbd-cbw: error: unrecognised target "bogus:xyz"/, 'bad target URI');
+
+  const missing = await cli(['backup', 'start', '--control', r.control, '--target', `nbd+unix:///?socket=${tmpPath(t, 'nothing', '.sock')}`]);
+  t.not(missing.code, 0, 'target socket that does not exist: non-zero exit');
+  oneLine(t, missing.stderr, /^nbd-cbw: error: .*(ENOENT|no such file|connect)/i, 'unreachable target');
+
+  const q = await cli(['backup', 'start', '--control', r.control, '--target', target.uri, '--buffer', '12Q']);
+  t.not(q.code, 0, '--buffer 12Q: non-zero exit');
+  oneLine(t, q.stderr, /^nbd-cbw: error: bad --buffer "12Q"/, '--buffer 12Q');
+
+  const cs = await cli(['backup', 'start', '--control', r.control, '--target', target.uri, '--cluster-size', '3K']);
+  t.not(cs.code, 0, '--cluster-size 3K: non-zero exit');
+  oneLine(t, cs.stderr, /power of two/, '--cluster-size 3K');
+
+  const pol = await cli(['backup', 'start', '--control', r.control, '--target', target.uri, '--on-cbw-error', 'ignore']);
+  t.not(pol.code, 0, '--on-cbw-error ignore: non-zero exit');
+  t.match(pol.stderr, /ignore/, 'names the bad choice');
+
+  const dur = await cli(['backup', 'start', '--control', r.control, '--target', target.uri, '--cbw-timeout', 'soon']);
+  t.not(dur.code, 0, '--cbw-timeout soon: non-zero exit');
+  oneLine(t, dur.stderr, /bad duration "soon"/, '--cbw-timeout soon');
+
+  const noCtl = await cli(['backup', 'status'], 30_000, { ...process.env, NBD_CBW_CONTROL: '' });
+  t.not(noCtl.code, 0, 'no control address: non-zero exit');
+  oneLine(t, noCtl.stderr, /no control address/, 'no control address');
+
+  // None of the refused starts left a job behind.
+  const list = await controlHttp(r.control, 'GET', '/v1/jobs');
+  t.same(list.body, [], 'no job was created by the bad requests');
+
+  // A second job while one runs: 409.
+  const first = await backupStart(r.control, target.uri, ['--speed', '4M']);
+  const second = await cli(['backup', 'start', '--control', r.control, '--target', `file:${tmpPath(t, 't2', '.raw')}`]);
+  t.not(second.code, 0, 'second start: non-zero exit');
+  oneLine(t, second.stderr, /a backup job is already running on this export/, 'second start');
+  const http2 = await controlHttp(r.control, 'POST', '/v1/jobs', { target: `file:${tmpPath(t, 't3', '.raw')}` });
+  t.equal(http2.status, 409, 'the API answers 409 Conflict');
+  t.match((http2.body as { error?: string }).error ?? '', /already running/, 'with the reason');
+  const still = await backupStatus(r.control);
+  t.equal(still.id, first.id, 'the first job is untouched');
+  t.match(still.state, /^(running|starting)$/, 'and still running');
+  await backupAction(r.control, 'cancel', first.id);
+
+  // Unknown job ids.
+  const unknown = await cli(['backup', 'status', 'no-such-job', '--control', r.control]);
+  t.not(unknown.code, 0, 'unknown job: non-zero exit');
+  oneLine(t, unknown.stderr, /no job "no-such-job"/, 'unknown job');
+});
