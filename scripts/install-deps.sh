@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
-# Install what nbd-cbw's tests and benchmarks run against: real NBD peers from
-# Debian (qemu-img/qemu-io/qemu-nbd, nbdkit, nbdinfo/nbdcopy, fio), then the
-# npm dependencies and the native addon. Safe to run again: installs only
-# what is missing.
+# Install what nbd-cbw runs against: real NBD peers from Debian
+# (qemu-img/qemu-io/qemu-nbd, nbdkit, nbdinfo/nbdcopy, fio), with --all also
+# what the tests and benchmarks need, then the npm dependencies and the native
+# addon. Safe to run again: installs only what is missing.
+# Usage: install-deps.sh [--all] [EXTRA-DEBIAN-PACKAGE...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(qemu-utils nbdkit libnbd-bin fio "$@")
+# The demo needs only the NBD peers; the tests and benchmarks need the rest:
+# a real Prometheus, qemu-storage-daemon (qemu-system-common), gnuplot for
+# the benchmark plots, and a single-node Ceph (mon, osd, radosgw, qemu's rbd
+# driver) for the distributed targets.
+core=(qemu-utils nbdkit libnbd-bin fio)
+full=(prometheus qemu-system-common gnuplot-nox ceph-mon ceph-osd radosgw ceph-common qemu-block-extra)
+if [ "${1:-}" = "--all" ]; then
+  shift
+  packages=("${core[@]}" "${full[@]}" "$@")
+else
+  packages=("${core[@]}" "$@")
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

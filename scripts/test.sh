@@ -3,7 +3,7 @@
 # end with the plain line "N passed, N failed" counted from tap's own output.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install-deps.sh || { echo "install-deps failed"; echo "0 passed, 1 failed"; exit 1; }
+bash scripts/install-deps.sh --all || { echo "install-deps failed"; echo "0 passed, 1 failed"; exit 1; }
 mkdir -p .tap
 out=.tap/last-run.tap
 npx tap --reporter=tap "$@" 2>&1 | tee "$out"
