@@ -259,7 +259,10 @@ export function registerServe(program: Command): void {
         validateRequest(request);
       }
       if (opts.control) controlAddr = parseControlAddress(opts.control);
-      if (opts.controlTokenFile) token = fs.readFileSync(opts.controlTokenFile, 'utf8').trim();
+      if (opts.controlTokenFile) {
+        token = fs.readFileSync(opts.controlTokenFile, 'utf8').trim();
+        if (!token) throw new Error(`control token file ${opts.controlTokenFile} is empty`);
+      }
       if (controlAddr && !controlAddr.socketPath && !token) {
         throw new Error('a TCP --control address needs --control-token-file');
       }

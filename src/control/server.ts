@@ -114,7 +114,8 @@ export class ControlServer {
     const method = req.method ?? 'GET';
     const jobs = this.opts.jobs;
 
-    if (url.pathname === '/metrics' && method === 'GET') {
+    if (url.pathname === '/metrics') {
+      if (method !== 'GET') return sendJson(res, 405, { error: `${method} not allowed on /metrics` });
       if (!this.opts.metrics) return sendJson(res, 404, { error: 'metrics are not enabled' });
       const m = await this.opts.metrics();
       res.writeHead(200, { 'content-type': m.contentType });
@@ -122,7 +123,8 @@ export class ControlServer {
       return;
     }
     if (parts[0] !== 'v1') return sendJson(res, 404, { error: `no route ${url.pathname}` });
-    if (parts[1] === 'export' && parts.length === 2 && method === 'GET') {
+    if (parts[1] === 'export' && parts.length === 2) {
+      if (method !== 'GET') return sendJson(res, 405, { error: `${method} not allowed on /v1/export` });
       return sendJson(res, 200, { name: this.opts.exportName, size: jobs.filter.size });
     }
     if (parts[1] !== 'jobs') return sendJson(res, 404, { error: `no route ${url.pathname}` });
@@ -141,6 +143,10 @@ export class ControlServer {
     if (parts.length === 3) {
       if (method !== 'GET') return sendJson(res, 405, { error: `${method} not allowed here` });
       return sendJson(res, 200, job.status());
+    }
+    const actions = new Set(['pause', 'resume', 'cancel', 'speed']);
+    if (parts.length === 4 && actions.has(parts[3]) && method !== 'POST') {
+      return sendJson(res, 405, { error: `${method} not allowed on ${url.pathname}: use POST` });
     }
     if (parts.length === 4 && method === 'POST') {
       const active = job.engine.isIntercepting;
