@@ -127,7 +127,7 @@ bench_wait_socket() {
 
 # start_qemu_nbd SOCK FILE LOG
 start_qemu_nbd() {
-  bench_spawn qemu-nbd "$3" qemu-nbd -f raw -t -x disk -k "$1" "$2"
+  bench_spawn qemu-nbd "$3" qemu-nbd -f raw -t --shared=8 -x disk -k "$1" "$2"
   bench_wait_socket "$1" "$BENCH_LAST_PID" 20 "$3"
 }
 

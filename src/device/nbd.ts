@@ -192,9 +192,13 @@ export class NbdDevice implements BlockDevice {
     return this.withClient((c) => c.blockStatus(offset, Math.min(length, 0xffffffff - 0xffff)));
   }
 
-  async reopen(): Promise<BlockDevice> {
+  /**
+   * Bounded in time: a server that takes one client at a time (qemu-nbd's
+   * default --shared=1) accepts the connection but never answers it.
+   */
+  async reopen(timeoutMs = 3000): Promise<BlockDevice> {
     if (!this.addr) throw new Error('no address to reconnect to');
-    const dev = await NbdDevice.open(this.addr, this.opts);
+    const dev = await NbdDevice.open(this.addr, { ...this.opts, connectTimeoutMs: timeoutMs });
     if (dev.size !== this.size) {
       await dev.close();
       throw new Error(`source size changed from ${this.size} to ${dev.size} bytes`);

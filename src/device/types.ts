@@ -83,5 +83,5 @@ export interface BlockDevice {
    * A second, independent handle on the same disk (another NBD connection),
    * so bulk background reads do not queue in front of guest requests.
    */
-  reopen?(): Promise<BlockDevice>;
+  reopen?(timeoutMs?: number): Promise<BlockDevice>;
 }

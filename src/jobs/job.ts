@@ -237,10 +237,12 @@ export class JobManager extends EventEmitter {
       if (target.requiredClusterSize) opts.clusterSize = target.requiredClusterSize;
       if (opts.maxChunk < opts.clusterSize) opts.maxChunk = opts.clusterSize;
       let engine: CopyEngine;
-      // A second connection for the bulk sweep, where the source offers one:
-      // 4 MiB background reads must not queue in front of guest requests.
+      // A second connection for the bulk sweep, where the source takes one
+      // (qemu-nbd needs --shared=2 or more): 4 MiB background reads must not
+      // queue in front of guest requests. Without it the sweep shares the
+      // guest's connection.
       const source = this.filter.next;
-      const sweepSource = source.reopen ? await source.reopen().catch(() => undefined) : undefined;
+      const sweepSource = source.reopen ? await source.reopen(3000).catch(() => undefined) : undefined;
       try {
         engine = new CopyEngine(source, target, opts, sweepSource);
       } catch (e) {
