@@ -39,6 +39,7 @@ import {
   type Extent,
   type ServerMessage,
 } from '../nbd-protocol';
+import { corkForTick } from '../util/cork';
 import { DeviceError } from '../device/types';
 import type { NbdAddress } from './uri';
 import { clientTlsFor, formatNbdUri } from './uri';
@@ -318,20 +319,6 @@ export class NbdClient extends EventEmitter {
 
   // ------------------------------------------------------------- requests
 
-  private corked = false;
-
-  /** Requests issued in the same tick leave in one writev. */
-  private corkForTick(): void {
-    if (this.corked) return;
-    this.corked = true;
-    const s = this.socket;
-    s.cork();
-    process.nextTick(() => {
-      this.corked = false;
-      s.uncork();
-    });
-  }
-
   private async slot(): Promise<void> {
     while (this.inFlight >= this.maxInFlight && !this.closedError) {
       await new Promise<void>((r) => this.slotWaiters.push(r));
@@ -364,7 +351,7 @@ export class NbdClient extends EventEmitter {
           error: null,
         });
         const header = build.requestHeader(flags, command, cookie, offset, length);
-        this.corkForTick();
+        corkForTick(this.socket);
         this.socket.write(header);
         if (payload) {
           if (Buffer.isBuffer(payload)) this.socket.write(payload);

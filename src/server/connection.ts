@@ -35,6 +35,7 @@ import {
   type ClientMessage,
   type RequestMessage,
 } from '../nbd-protocol';
+import { corkForTick } from '../util/cork';
 import { DeviceError, type BlockDevice, type Extent } from '../device/types';
 
 export interface ExportSpec {
@@ -169,27 +170,9 @@ export class NbdConnection {
     this.opts.log?.(msg);
   }
 
-  private corked = false;
-
-  /**
-   * Replies finishing in the same tick leave in one writev: cork on the
-   * first, uncork on the next tick. The closure keeps the socket it corked,
-   * since STARTTLS swaps this.socket in between.
-   */
-  private corkForTick(): void {
-    if (this.corked) return;
-    this.corked = true;
-    const s = this.socket;
-    s.cork();
-    process.nextTick(() => {
-      this.corked = false;
-      s.uncork();
-    });
-  }
-
   private send(buf: Buffer): void {
     if (this.phase === 'closed') return;
-    this.corkForTick();
+    corkForTick(this.socket);
     this.socket.write(buf);
   }
 
@@ -564,7 +547,7 @@ export class NbdConnection {
   /** Header and payload leave in one write so the kernel sees them together. */
   private sendPair(header: Buffer, data: Buffer): void {
     if (this.phase === 'closed') return;
-    this.corkForTick();
+    corkForTick(this.socket);
     this.socket.write(header);
     this.socket.write(data);
   }
