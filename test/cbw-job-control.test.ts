@@ -238,7 +238,12 @@ t.test('target failing every write, break-guest-write: the guest write fails wit
 
 for (const policy of ['break-snapshot', 'break-guest-write'] as const) {
   t.test(`CBW timeout 200ms on a hanging target, --buffer 0, ${policy}`, async (t) => {
-    const target = await memoryTarget(t, ['--filter=delay'], ['wdelay=30', 'delay-zero=30']);
+    // nbdkit 1.32 may abort (raw_send_socket: Assertion `sock >= 0') when the
+    // client hangs up while the delay filter sleeps in a request: a bug of
+    // that peer, not a failure of this test, so its exit is not checked here.
+    const target = await startNbdkit(t, ['--filter=delay', 'memory', String(SIZE), 'wdelay=30', 'delay-zero=30'], {
+      failOnUnexpectedExit: false,
+    });
     const r = await serve(t, 606);
     const job = await backupStart(r.control, target.uri, ['--buffer', '0', '--cbw-timeout', '200ms', '--on-cbw-error', policy]);
     await sleep(300); // the sweep reads ahead and hangs on the target

@@ -218,7 +218,10 @@ async function timedWrite(client: Awaited<ReturnType<typeof connectGuest>>, offs
 t.test('hanging target, --buffer 0 --cbw-timeout 500ms, break-snapshot: the guest write succeeds, the job fails', async (t) => {
   const SIZE = 64 * MiB;
   const d = disk(t, SIZE, 303);
-  const target = await startNbdkit(t, ['--filter=delay', 'memory', `${SIZE}`, 'wdelay=60']);
+  const target = await startNbdkit(t, ['--filter=delay', 'memory', `${SIZE}`, 'wdelay=60'], {
+    // nbdkit 1.32 may abort when a client hangs up during a delayed request (its bug).
+    failOnUnexpectedExit: false,
+  });
   const cbw = await startNbdCbw(t, ['--source', `file:${d.image}`]);
   const ctl = ctlOf(cbw);
   const job = await startJob(ctl, {
@@ -251,7 +254,10 @@ t.test('hanging target, --buffer 0 --cbw-timeout 500ms, break-snapshot: the gues
 t.test('hanging target, --buffer 0 --cbw-timeout 500ms, break-guest-write: EIO, the snapshot is kept', async (t) => {
   const SIZE = 64 * MiB;
   const d = disk(t, SIZE, 304);
-  const target = await startNbdkit(t, ['--filter=delay', 'memory', `${SIZE}`, 'wdelay=60']);
+  const target = await startNbdkit(t, ['--filter=delay', 'memory', `${SIZE}`, 'wdelay=60'], {
+    // nbdkit 1.32 may abort when a client hangs up during a delayed request (its bug).
+    failOnUnexpectedExit: false,
+  });
   const cbw = await startNbdCbw(t, ['--source', `file:${d.image}`, '-v']);
   const ctl = ctlOf(cbw);
   const job = await startJob(ctl, {

@@ -543,7 +543,10 @@ t.test('every dashboard query returns data from a real Prometheus', async (t) =>
   // ---- instance 2: in trouble; its target takes 30 s per write.
   const disk2 = path.join(dir, 'disk2.raw');
   makeImage(disk2, 16 * MiB, 'random', 12);
-  const target2 = await startNbdkit(t, ['--filter=delay', 'memory', '16M', 'wdelay=30']);
+  const target2 = await startNbdkit(t, ['--filter=delay', 'memory', '16M', 'wdelay=30'], {
+    // nbdkit 1.32 may abort when a client hangs up during a delayed request (its bug).
+    failOnUnexpectedExit: false,
+  });
   const cbw1 = await startNbdCbw(t, ['--source', `file:${disk1}`, '--metrics', inst1]);
   const cbw2 = await startNbdCbw(t, ['--source', `file:${disk2}`, '--metrics', inst2]);
 
