@@ -11,7 +11,6 @@ import {
   NBD_REQUEST_MAGIC,
   NBD_SIMPLE_REPLY_MAGIC,
   NBD_STRUCTURED_REPLY_MAGIC,
-  Option,
   ReplyType,
   WireSize,
 } from './constants';
@@ -245,5 +244,3 @@ export function errorChunk(cookie: bigint, flags: number, error: number, message
   if (withOffset) writeU64(b, offset, at + 6 + msg.length);
   return b;
 }
-
-export { Option };
