@@ -15,7 +15,6 @@
 #include <string.h>
 #include <unistd.h>
 #include <linux/falloc.h>
-#include <malloc.h>
 #include <node_api.h>
 
 enum op { OP_SEEK_DATA, OP_SEEK_HOLE, OP_PUNCH_HOLE, OP_ZERO_RANGE };
@@ -129,33 +128,12 @@ static napi_value seek_hole(napi_env env, napi_callback_info info) { return star
 static napi_value punch_hole(napi_env env, napi_callback_info info) { return start(env, info, OP_PUNCH_HOLE, 3); }
 static napi_value zero_range(napi_env env, napi_callback_info info) { return start(env, info, OP_ZERO_RANGE, 3); }
 
-/*
- * mallopt(M_MMAP_THRESHOLD, n). Setting it turns off glibc's dynamic
- * threshold, which otherwise rises after large buffers are freed, so later
- * multi-MiB buffers come from the heap and their pages are never returned:
- * RSS stays high long after the cow buffer drained.
- */
-static napi_value set_mmap_threshold(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1], result;
-  int64_t n = 0;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1 ||
-      napi_get_value_int64(env, argv[0], &n) != napi_ok) {
-    napi_throw_type_error(env, NULL, "fileops: setMmapThreshold(bytes)");
-    return NULL;
-  }
-  int ok = mallopt(M_MMAP_THRESHOLD, (int)n);
-  napi_get_boolean(env, ok == 1, &result);
-  return result;
-}
-
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_default, NULL},
     {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_default, NULL},
     {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_default, NULL},
     {"zeroRange", NULL, zero_range, NULL, NULL, NULL, napi_default, NULL},
-    {"setMmapThreshold", NULL, set_mmap_threshold, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

@@ -7,7 +7,6 @@ import { registerRestore } from './restore';
 import { die, errorMessage } from './log';
 
 import { VERSION } from '../version';
-import { loadFileOps } from '../device/native';
 
 export function buildProgram(): Command {
   const program = new Command('nbd-cbw');
@@ -27,21 +26,7 @@ export function buildProgram(): Command {
   return program;
 }
 
-/**
- * Fix glibc's mmap threshold at 128 KiB: cluster and chunk buffers then
- * always get their own mappings, which go back to the kernel when freed, so
- * the RSS follows the cow buffer down instead of staying at its peak.
- */
-function tuneMalloc(): void {
-  try {
-    loadFileOps().setMmapThreshold(128 * 1024);
-  } catch {
-    // not glibc, or no addon: only the RSS after peaks is affected
-  }
-}
-
 export function main(argv: string[]): void {
-  tuneMalloc();
   const program = buildProgram();
   program.parseAsync(argv, { from: 'user' }).catch((e: unknown) => {
     if (e instanceof CommanderError) process.exit(e.exitCode);

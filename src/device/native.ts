@@ -13,8 +13,6 @@ export interface FileOps {
   punchHole(fd: number, offset: number, length: number): Promise<number>;
   /** fallocate(FALLOC_FL_ZERO_RANGE). */
   zeroRange(fd: number, offset: number, length: number): Promise<number>;
-  /** mallopt(M_MMAP_THRESHOLD): buffers of this size or more are mmapped and returned to the OS when freed. */
-  setMmapThreshold(bytes: number): boolean;
 }
 
 /** What the addon rejects with: `code` is the errno name ('EUNKNOWN' for names it does not know). */
