@@ -4,7 +4,7 @@
 
 import { EventEmitter } from 'node:events';
 import { CbwFilter, type CbwErrorPolicy } from '../cbw/filter';
-import { CopyEngine, DEFAULT_ENGINE_OPTIONS, type CopyEngineOptions, type EngineState } from '../copy/engine';
+import { CopyEngine, DEFAULT_ENGINE_OPTIONS, type CopyEngineOptions, type EngineProgress, type EngineState } from '../copy/engine';
 import { openTarget } from '../targets/open';
 import type { BackupTarget } from '../targets/types';
 import { VERSION } from '../version';
@@ -27,25 +27,14 @@ export interface BackupRequest {
   s3ForcePathStyle?: boolean;
 }
 
-export interface JobStatus {
+/** A job as the control API reports it: the engine's progress plus the job's own fields. */
+export interface JobStatus extends Omit<EngineProgress, 'state'> {
   id: string;
   state: EngineState | 'starting';
   error: string | null;
   target: string;
   startedAt: string;
   finishedAt: string | null;
-  bytesTotal: number;
-  bytesDone: number;
-  bytesCopied: number;
-  bytesSkipped: number;
-  bytesZeroDetected: number;
-  clustersRemaining: number;
-  bufferBytes: number;
-  bufferCapacity: number;
-  bufferHighWater: number;
-  spillBytes: number;
-  targetRetries: number;
-  guestCopies: number;
   /** Bytes per second over the last few seconds. */
   rate: number;
   etaSeconds: number | null;
@@ -146,24 +135,13 @@ export class BackupJob extends EventEmitter {
     else if (now.t > this.startedAt.getTime()) rate = (p.bytesDone * 1000) / (now.t - this.startedAt.getTime());
     const left = p.bytesTotal - p.bytesDone;
     return {
+      ...p,
       id: this.id,
       state: p.state === 'created' ? 'starting' : p.state,
       error: this.engine.error && p.state !== 'completed' ? this.engine.error.message : null,
       target: this.request.target,
       startedAt: this.startedAt.toISOString(),
       finishedAt: this.finishedAt?.toISOString() ?? null,
-      bytesTotal: p.bytesTotal,
-      bytesDone: p.bytesDone,
-      bytesCopied: p.bytesCopied,
-      bytesSkipped: p.bytesSkipped,
-      bytesZeroDetected: p.bytesZeroDetected,
-      clustersRemaining: p.clustersRemaining,
-      bufferBytes: p.bufferBytes,
-      bufferCapacity: p.bufferCapacity,
-      bufferHighWater: p.bufferHighWater,
-      spillBytes: p.spillBytes,
-      targetRetries: p.targetRetries,
-      guestCopies: p.guestCopies,
       rate: Math.round(rate),
       etaSeconds: p.state === 'running' && rate > 0 ? Math.ceil(left / rate) : p.state === 'completed' ? 0 : null,
       speedLimit: this.engine.speed,
