@@ -917,6 +917,59 @@ t.test('server stream split at every offset', async (t) => {
   everySplit(t, 'server stream', bytes, expected, (pieces) => runServer(pieces, readLengthOf));
 });
 
+/**
+ * The server stream parsed the way NbdClient reads a plain socket: each piece
+ * is copied into one reused input buffer that is scribbled over after every
+ * push, and READ data goes through the readInto hook. Messages are
+ * snapshotted when emitted; the read destinations are appended at the end.
+ */
+function runServerInto(pieces: Buffer[], readLengthOf: (c: bigint) => number): object[] {
+  const dests = new Map<bigint, Buffer>([
+    [1n, Buffer.alloc(4096)],
+    [2n, Buffer.alloc(4096)],
+  ]);
+  const parser = new ServerStreamParser({
+    readLengthOf,
+    readInto: (cookie, offset, length) => {
+      const d = dests.get(cookie);
+      if (!d) return null;
+      const at = offset === null ? 0 : offset - (1 << 20);
+      return d.subarray(at, at + length);
+    },
+  });
+  const msgs: object[] = [];
+  const emit = (m: ServerMessage) => {
+    const snap: Record<string, unknown> = {};
+    for (const [k, v] of Object.entries(m)) snap[k] = Buffer.isBuffer(v) ? Buffer.from(v) : v;
+    msgs.push(snap);
+    if (m.type === 'optionReply' && m.option === Option.Go && m.replyType === OptionReply.Ack) {
+      parser.phase = 'transmission';
+    }
+  };
+  const reused = Buffer.alloc(Math.max(1, ...pieces.map((p) => p.length)));
+  for (const p of pieces) {
+    p.copy(reused);
+    parser.push(reused.subarray(0, p.length), emit);
+    reused.fill(0xee);
+  }
+  for (const [cookie, data] of dests) msgs.push({ type: 'dest', cookie, data });
+  return msgs;
+}
+
+t.test('server stream with readInto through a reused input buffer, split at every offset', async (t) => {
+  const { bytes, expected, readLengthOf } = serverStream();
+  const sdata = pattern(3000, 32);
+  const into: object[] = expected.map((m) =>
+    m.type === 'structuredChunk' && m.chunkType === 1
+      ? { type: 'offsetDataDelivered', cookie: 2n, flags: 0, offset: 1 << 20, length: sdata.length }
+      : m,
+  );
+  const dest2 = Buffer.alloc(4096);
+  sdata.copy(dest2);
+  into.push({ type: 'dest', cookie: 1n, data: pattern(4096, 31) }, { type: 'dest', cookie: 2n, data: dest2 });
+  everySplit(t, 'server stream into', bytes, into, (pieces) => runServerInto(pieces, readLengthOf));
+});
+
 t.test('oversized option stream split at every offset', async (t) => {
   const big = pattern(40, 9);
   const parts = Buffer.concat([B.clientFlags(1), B.option(6, big), B.option(3), B.option(1, Buffer.from('disk'))]);

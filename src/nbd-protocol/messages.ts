@@ -38,6 +38,7 @@ export type ServerMessage =
   | { type: 'exportNameReply'; size: number; flags: number }
   | SimpleReplyMessage
   | StructuredChunkMessage
+  | OffsetDataDeliveredMessage
   | ProtocolErrorMessage;
 
 export interface SimpleReplyMessage {
@@ -54,6 +55,19 @@ export interface StructuredChunkMessage {
   flags: number;
   chunkType: number;
   payload: Buffer;
+}
+
+/**
+ * An NBD_REPLY_TYPE_OFFSET_DATA chunk whose data the parser copied straight
+ * into the buffer its `readInto` hook chose (see ServerStreamParserOptions).
+ */
+export interface OffsetDataDeliveredMessage {
+  type: 'offsetDataDelivered';
+  cookie: bigint;
+  flags: number;
+  /** Offset of the data on the export. */
+  offset: number;
+  length: number;
 }
 
 export interface Extent {

@@ -21,6 +21,7 @@ import {
   NBD_REQUEST_MAGIC,
   NBD_SIMPLE_REPLY_MAGIC,
   NBD_STRUCTURED_REPLY_MAGIC,
+  ReplyType,
   WireSize,
 } from './constants';
 import type { ClientMessage, ServerMessage } from './messages';
@@ -80,7 +81,9 @@ abstract class IncrementalParser<M extends { type: string }> {
       if (used === 0) break;
       pos += used;
     }
-    if (pos < buf.length && !this.dead) this.carry = buf.subarray(pos);
+    // A copy, not a view: the caller may reuse `chunk` for its next read,
+    // and a view would pin the whole chunk for the sake of a few bytes.
+    if (pos < buf.length && !this.dead) this.carry = Buffer.from(buf.subarray(pos));
   }
 
   /**
@@ -115,6 +118,29 @@ abstract class IncrementalParser<M extends { type: string }> {
       need: payloadLen,
       finish,
     };
+    return headerLen;
+  }
+
+  /**
+   * Like takePayload, but the payload's bytes go into `dest` (exactly
+   * payloadLen long), copied from the input as they arrive.
+   */
+  protected takePayloadInto(
+    buf: Buffer,
+    pos: number,
+    headerLen: number,
+    dest: Buffer,
+    emit: (msg: M) => void,
+    finish: () => M,
+  ): number {
+    const start = pos + headerLen;
+    const payloadLen = dest.length;
+    if (buf.length - start >= payloadLen) {
+      buf.copy(dest, 0, start, start + payloadLen);
+      emit(finish());
+      return headerLen + payloadLen;
+    }
+    this.collector = { target: dest, filled: 0, need: payloadLen, finish: () => finish() };
     return headerLen;
   }
 
@@ -211,6 +237,16 @@ export interface ServerStreamParserOptions {
    * this cookie (the READ length), or 0. Simple replies do not say.
    */
   readLengthOf?: (cookie: bigint) => number;
+  /**
+   * Where READ data should land: return a buffer of exactly `length` bytes
+   * and the parser copies the data straight into it from the input (no
+   * payload assembled on the side, no view into the input kept), or null to
+   * get the data as an ordinary payload. `offset` is the export offset of an
+   * OFFSET_DATA chunk's data, or null for a simple reply's data.
+   * Delivered OFFSET_DATA chunks arrive as 'offsetDataDelivered' messages;
+   * delivered simple replies carry the chosen buffer as their data.
+   */
+  readInto?: (cookie: bigint, offset: number | null, length: number) => Buffer | null;
 }
 
 /** Parses the server-to-client byte stream (used by clients). */
@@ -221,12 +257,14 @@ export class ServerStreamParser extends IncrementalParser<ServerMessage> {
   readonly maxPayload: number;
   readonly maxOptionLength: number;
   private readonly readLengthOf: (cookie: bigint) => number;
+  private readonly readInto: ServerStreamParserOptions['readInto'] | null;
 
   constructor(opts: ServerStreamParserOptions = {}) {
     super();
     this.maxPayload = opts.maxPayload ?? MAX_PAYLOAD;
     this.maxOptionLength = opts.maxOptionLength ?? MAX_OPTION_LENGTH;
     this.readLengthOf = opts.readLengthOf ?? (() => 0);
+    this.readInto = opts.readInto ?? null;
   }
 
   protected parseOne(buf: Buffer, pos: number, emit: (msg: ServerMessage) => void): number {
@@ -277,6 +315,15 @@ export class ServerStreamParser extends IncrementalParser<ServerMessage> {
             emit({ type: 'simpleReply', cookie, error, data: null });
             return WireSize.SimpleReplyHeader;
           }
+          const dest = this.readInto?.(cookie, null, dataLen) ?? null;
+          if (dest && dest.length === dataLen) {
+            return this.takePayloadInto(buf, pos, WireSize.SimpleReplyHeader, dest, emit, () => ({
+              type: 'simpleReply',
+              cookie,
+              error,
+              data: dest,
+            }));
+          }
           return this.takePayload(buf, pos, WireSize.SimpleReplyHeader, dataLen, true, emit, (data) => ({
             type: 'simpleReply',
             cookie,
@@ -292,6 +339,23 @@ export class ServerStreamParser extends IncrementalParser<ServerMessage> {
           const length = buf.readUInt32BE(pos + 16);
           // Data chunks carry an 8-byte offset before the data.
           if (length > this.maxPayload + 8) return this.fail(emit, `reply chunk too large (${length} bytes)`);
+          if (this.readInto && chunkType === ReplyType.OffsetData && length > 8) {
+            // Wait for the data offset too, then ask where the data goes.
+            const headerLen = WireSize.StructuredReplyHeader + 8;
+            if (avail < headerLen) return 0;
+            const offset = readU64(buf, pos + WireSize.StructuredReplyHeader);
+            const dataLen = length - 8;
+            const dest = this.readInto(cookie, offset, dataLen);
+            if (dest && dest.length === dataLen) {
+              return this.takePayloadInto(buf, pos, headerLen, dest, emit, () => ({
+                type: 'offsetDataDelivered',
+                cookie,
+                flags,
+                offset,
+                length: dataLen,
+              }));
+            }
+          }
           return this.takePayload(buf, pos, WireSize.StructuredReplyHeader, length, true, emit, (payload) => ({
             type: 'structuredChunk',
             cookie,
