@@ -149,7 +149,13 @@ start_cbw() {
     mkdir -p "$prof"
     node_args=(--cpu-prof "--cpu-prof-dir=$prof")
   fi
-  bench_spawn cbw "$log" node "${node_args[@]}" "$NBD_CBW_BIN" serve --source "$src" -U "$sock" -f --exit-with-parent "$@"
+  # BENCH_NODE_ARGS: extra node options for nbd-cbw (e.g. --trace-gc), for
+  # tuning experiments; its output lands in the run's log (BENCH_KEEP_LOGS).
+  local extra=()
+  read -r -a extra <<<"${BENCH_NODE_ARGS:-}"
+  node_args+=("${extra[@]}")
+  # The launcher itself, as users run it (its tuned V8 options included).
+  NBD_CBW_NODE_ARGS="${node_args[*]}" bench_spawn cbw "$log" "$NBD_CBW_BIN" serve --source "$src" -U "$sock" -f --exit-with-parent "$@"
   bench_wait_socket "$sock" "$BENCH_LAST_PID" 30 "$log" && bench_wait_socket "$sock.ctl" "$BENCH_LAST_PID" 10 "$log"
 }
 

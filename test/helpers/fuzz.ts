@@ -778,7 +778,7 @@ export const CRASH_PATTERNS =
   /Unhandled|uncaught|TypeError|RangeError|ReferenceError|SyntaxError|FATAL|Allocation failed|out of memory|MaxListenersExceeded|memory leak detected|^\s+at .+:\d+:\d+\)?$/im;
 
 /**
- * `node bin/nbd-cbw serve --source file:IMG -U SOCK -f ...` in a fresh
+ * `bin/nbd-cbw serve --source file:IMG -U SOCK -f ...` in a fresh
  * temporary directory, resolved once it answers with the NBD greeting.
  */
 export async function startServer(opts: StartServerOptions = {}): Promise<ServerHandle> {
@@ -804,7 +804,6 @@ export async function startServer(opts: StartServerOptions = {}): Promise<Server
   }
   const socket = path.join(dir, 's.sock');
   const args = [
-    NBD_CBW_BIN,
     'serve',
     '--source',
     `file:${image}`,
@@ -818,7 +817,7 @@ export async function startServer(opts: StartServerOptions = {}): Promise<Server
     String(opts.maxConnections ?? 64),
     ...(opts.extraArgs ?? []),
   ];
-  const proc = spawn(process.execPath, args, { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = spawn(NBD_CBW_BIN, args, { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
   liveServers.add(proc);
   if (!exitHookInstalled) {
     exitHookInstalled = true;

@@ -460,7 +460,7 @@ export interface NbdCbwOptions extends PeerOptions {
 }
 
 /**
- * `node bin/nbd-cbw serve ARGS -f -U SOCKET -P PIDFILE`, resolved once it
+ * `bin/nbd-cbw serve ARGS -f -U SOCKET -P PIDFILE`, resolved once it
  * accepts NBD connections. ARGS are the serve options under test (e.g.
  * ['--source', 'file:/x.img', '-r']); -e in ARGS sets the export name in the
  * returned URI (default "disk"). Killed at teardown: SIGTERM, SIGKILL after 5 s.
@@ -479,9 +479,9 @@ export async function startNbdCbw(t: Test, args: string[], opts: NbdCbwOptions =
     else if (args[i] === '--control' && i + 1 < args.length) controlSocket = args[i + 1];
     else if (args[i].startsWith('--control=')) controlSocket = args[i].slice('--control='.length);
   }
+  // Run the launcher itself (as users do), so the server gets its tuned V8
+  // options; extra node options travel in NBD_CBW_NODE_ARGS.
   const full = [
-    ...(opts.nodeArgs ?? []),
-    NBD_CBW_BIN,
     'serve',
     ...args,
     '-f',
@@ -493,8 +493,8 @@ export async function startNbdCbw(t: Test, args: string[], opts: NbdCbwOptions =
   ];
   const peer = await spawnPeer(
     t,
-    { name: 'nbd-cbw', cmd: process.execPath, args: full, socket, exportName, pidfile, spawnOptions: { cwd: REPO_ROOT } },
-    opts,
+    { name: 'nbd-cbw', cmd: NBD_CBW_BIN, args: full, socket, exportName, pidfile, spawnOptions: { cwd: REPO_ROOT } },
+    opts.nodeArgs ? { ...opts, env: { ...(opts.env ?? process.env), NBD_CBW_NODE_ARGS: opts.nodeArgs.join(' ') } } : opts,
     5000,
   );
   return Object.assign(peer, { controlSocket });
