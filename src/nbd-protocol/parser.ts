@@ -105,6 +105,7 @@ abstract class IncrementalParser<M extends { type: string }> {
     keep: boolean,
     emit: (msg: M) => void,
     finish: (payload: Buffer | null) => M,
+    alloc: (length: number) => Buffer = Buffer.allocUnsafe,
   ): number {
     const start = pos + headerLen;
     const avail = buf.length - start;
@@ -113,7 +114,7 @@ abstract class IncrementalParser<M extends { type: string }> {
       return headerLen + payloadLen;
     }
     this.collector = {
-      target: keep ? Buffer.allocUnsafe(payloadLen) : null,
+      target: keep ? alloc(payloadLen) : null,
       filled: 0,
       need: payloadLen,
       finish,
@@ -160,6 +161,11 @@ export interface ClientStreamParserOptions {
   maxPayload?: number;
   /** Largest option payload to buffer; larger ones are skipped. */
   maxOptionLength?: number;
+  /**
+   * Where a WRITE payload that arrived split is assembled (default: a new
+   * buffer of exactly its length). Payloads that arrived whole are views.
+   */
+  allocWritePayload?: (length: number) => Buffer;
 }
 
 /** Parses the client-to-server byte stream (used by servers). */
@@ -167,11 +173,13 @@ export class ClientStreamParser extends IncrementalParser<ClientMessage> {
   phase: ServerParsePhase = 'clientFlags';
   readonly maxPayload: number;
   readonly maxOptionLength: number;
+  private readonly allocWritePayload: (length: number) => Buffer;
 
   constructor(opts: ClientStreamParserOptions = {}) {
     super();
     this.maxPayload = opts.maxPayload ?? MAX_PAYLOAD;
     this.maxOptionLength = opts.maxOptionLength ?? MAX_OPTION_LENGTH;
+    this.allocWritePayload = opts.allocWritePayload ?? Buffer.allocUnsafe;
   }
 
   protected parseOne(buf: Buffer, pos: number, emit: (msg: ClientMessage) => void): number {
@@ -221,7 +229,7 @@ export class ClientStreamParser extends IncrementalParser<ClientMessage> {
           length,
           payload,
           payloadSkipped: !keep,
-        }));
+        }), this.allocWritePayload);
       }
     }
   }

@@ -36,6 +36,7 @@ import {
   type RequestMessage,
 } from '../nbd-protocol';
 import { corkForTick } from '../util/cork';
+import { PayloadPool } from '../util/payload-pool';
 import { DeviceError, type BlockDevice, type Extent } from '../device/types';
 
 export interface ExportSpec {
@@ -78,6 +79,8 @@ export interface ConnectionOptions {
 }
 
 const BASE_ALLOCATION_ID = 1;
+/** Assembled WRITE payloads, shared by all connections (idle buffers capped at 16 MiB). */
+const writePayloads = new PayloadPool(16 * 1024 * 1024);
 const MAX_EXTENTS_PER_REPLY = 1024;
 /** Extent lengths are 32-bit on the wire; keep them block-aligned below 4 GiB. */
 const MAX_EXTENT_LENGTH = 0x80000000;
@@ -85,7 +88,10 @@ const MAX_EXTENT_LENGTH = 0x80000000;
 type Phase = 'handshake' | 'transmission' | 'draining' | 'closed';
 
 export class NbdConnection {
-  private readonly parser = new ClientStreamParser({ maxPayload: MAX_PAYLOAD });
+  private readonly parser = new ClientStreamParser({
+    maxPayload: MAX_PAYLOAD,
+    allocWritePayload: (length) => writePayloads.take(length),
+  });
   private phase: Phase = 'handshake';
   private noZeroes = false;
   private structured = false;
@@ -464,6 +470,9 @@ export class NbdConnection {
     const finish = (error: number, bytes: number) => {
       this.inFlight--;
       this.inFlightBytes -= cost;
+      // The device is done with the payload (a source acknowledges a write
+      // only after receiving all of it): an assembled one can be reused.
+      if (msg.payload) writePayloads.give(msg.payload);
       const seconds = Number(process.hrtime.bigint() - started) / 1e9;
       this.opts.observer?.requestFinished?.(exp, msg.command, bytes, seconds, error);
       this.updateFlow();
