@@ -923,7 +923,7 @@ t.test('server stream split at every offset', async (t) => {
  * push, and READ data goes through the readInto hook. Messages are
  * snapshotted when emitted; the read destinations are appended at the end.
  */
-function runServerInto(pieces: Buffer[], readLengthOf: (c: bigint) => number): object[] {
+function runServerInto(pieces: Buffer[], readLengthOf: (c: bigint) => number, direct = false): object[] {
   const dests = new Map<bigint, Buffer>([
     [1n, Buffer.alloc(4096)],
     [2n, Buffer.alloc(4096)],
@@ -948,9 +948,23 @@ function runServerInto(pieces: Buffer[], readLengthOf: (c: bigint) => number): o
   };
   const reused = Buffer.alloc(Math.max(1, ...pieces.map((p) => p.length)));
   for (const p of pieces) {
-    p.copy(reused);
-    parser.push(reused.subarray(0, p.length), emit);
-    reused.fill(0xee);
+    let at = 0;
+    while (at < p.length) {
+      // direct: like NbdClient's socket, read into the payload's destination
+      // while one is being assembled (collectingInto / collected).
+      const into = direct ? parser.collectingInto : null;
+      if (into !== null && into.length > 0) {
+        const n = Math.min(into.length, p.length - at);
+        p.copy(into, 0, at, at + n);
+        parser.collected(n, emit);
+        at += n;
+        continue;
+      }
+      p.copy(reused, 0, at);
+      parser.push(reused.subarray(0, p.length - at), emit);
+      reused.fill(0xee);
+      at = p.length;
+    }
   }
   for (const [cookie, data] of dests) msgs.push({ type: 'dest', cookie, data });
   return msgs;
@@ -968,6 +982,9 @@ t.test('server stream with readInto through a reused input buffer, split at ever
   sdata.copy(dest2);
   into.push({ type: 'dest', cookie: 1n, data: pattern(4096, 31) }, { type: 'dest', cookie: 2n, data: dest2 });
   everySplit(t, 'server stream into', bytes, into, (pieces) => runServerInto(pieces, readLengthOf));
+  everySplit(t, 'server stream read straight into its destinations', bytes, into, (pieces) =>
+    runServerInto(pieces, readLengthOf, true),
+  );
 });
 
 t.test('oversized option stream split at every offset', async (t) => {

@@ -46,6 +46,8 @@ import { clientTlsFor, formatNbdUri } from './uri';
 
 /** Size of the reused socket read buffer of a plain (non-TLS) connection. */
 const SOCKET_READ_BUFFER = 256 * 1024;
+/** Smallest rest of a payload worth a read straight into its destination. */
+const DIRECT_READ_MIN = 16 * 1024;
 
 export interface NbdClientOptions {
   /** Requests on the wire at once (qemu uses 16). */
@@ -116,15 +118,15 @@ export class NbdClient extends EventEmitter {
       },
       readInto: this.readDestination,
     });
-    // Without TLS the socket reads into one reused buffer instead of a fresh
-    // 64 KiB allocation per read: READ data is copied once, from there
-    // straight into its destination (readDestination), and a busy source no
-    // longer feeds V8 hundreds of MB/s of short-lived external memory, which
-    // is what drives its full collections. Nothing may keep a view into that
-    // buffer past the callback (see onMessage). TLS needs ordinary reads.
-    const onread = opts.tls
-      ? undefined
-      : { buffer: Buffer.allocUnsafeSlow(SOCKET_READ_BUFFER), callback: this.onRead };
+    // Without TLS the socket reads into memory we choose instead of a fresh
+    // 64 KiB allocation per read: into one reused buffer, or, while a READ
+    // reply's data is arriving, straight into the data's destination
+    // (readDestination), so large reads cost no user-space copy at all. A
+    // busy source then no longer feeds V8 hundreds of MB/s of short-lived
+    // external memory, which drives its full collections. Nothing may keep a
+    // view into the reused buffer past the callback (see onMessage). TLS
+    // needs ordinary reads.
+    const onread = opts.tls ? undefined : { buffer: this.nextReadBuffer, callback: this.onRead };
     this.socket = addr.socketPath
       ? net.createConnection({ path: addr.socketPath, onread })
       : net.createConnection({ host: addr.host, port: addr.port ?? 10809, onread });
@@ -133,8 +135,23 @@ export class NbdClient extends EventEmitter {
   }
 
   private readonly onData = (chunk: Buffer) => this.parser.push(chunk, this.onMessage);
+  private readonly socketReadBuffer = Buffer.allocUnsafeSlow(SOCKET_READ_BUFFER);
+  /** The destination view handed out for the next read, if any. */
+  private directRead: Buffer | null = null;
+
+  private readonly nextReadBuffer = (): Buffer => {
+    const into = this.parser.collectingInto;
+    // Short remainders are left to the reused buffer, which takes them
+    // together with the messages after them in one read.
+    this.directRead = into !== null && into.length >= DIRECT_READ_MIN ? into : null;
+    return this.directRead ?? this.socketReadBuffer;
+  };
+
   private readonly onRead = (n: number, buf: Buffer): boolean => {
-    this.parser.push(buf.subarray(0, n), this.onMessage);
+    if (buf === this.directRead) {
+      this.directRead = null;
+      this.parser.collected(n, this.onMessage);
+    } else this.parser.push(buf.subarray(0, n), this.onMessage);
     return true;
   };
 

@@ -55,6 +55,30 @@ abstract class IncrementalParser<M extends { type: string }> {
     return (this.carry?.length ?? 0) + (this.collector?.target ? this.collector.filled : 0);
   }
 
+  /**
+   * While a payload is being assembled in a buffer: the part of that buffer
+   * still to fill, else null. A caller that can read its input straight into
+   * memory (a socket with a read-buffer generator) may read there and report
+   * the bytes with collected() instead of push(): no copy at all.
+   */
+  get collectingInto(): Buffer | null {
+    const c = this.collector;
+    return c && c.target && !this.dead ? c.target.subarray(c.filled, c.need) : null;
+  }
+
+  /** `n` bytes arrived straight into the buffer collectingInto returned. */
+  collected(n: number, emit: (msg: M) => void): void {
+    const c = this.collector;
+    if (!c || !c.target || this.dead || n > c.need - c.filled) {
+      throw new Error('collected() without a payload being assembled');
+    }
+    c.filled += n;
+    if (c.filled === c.need) {
+      this.collector = null;
+      emit(c.finish(c.target));
+    }
+  }
+
   /** Feed bytes; `emit` is called once per complete message, in order. */
   push(chunk: Buffer, emit: (msg: M) => void): void {
     if (this.dead) return;
