@@ -1148,6 +1148,8 @@ export interface SessionResult {
   connectFailed: boolean;
   /** Transmission mode only: the valid handshake did not complete. */
   handshakeFailed: boolean;
+  /** Why it did not, with how long it had been going. */
+  handshakeFailure?: string;
   patched: number;
 }
 
@@ -1221,9 +1223,11 @@ export async function fuzzSession(
     let body: Buffer;
     if (mode === 'transmission') {
       const style = rng.pick(HANDSHAKE_STYLES);
+      const hsStarted = Date.now();
       const hs = await handshake(conn, style, Math.max(1, deadline - Date.now()));
       if (!hs.ok) {
         res.handshakeFailed = true;
+        res.handshakeFailure = `${hs.reason ?? 'failed'} after ${Date.now() - hsStarted} ms (${style})`;
         res.serverClosed = conn.closed;
         return res;
       }
@@ -1282,6 +1286,8 @@ export interface FuzzStats {
   serverClosed: number;
   connectFailed: number;
   handshakeFailed: number;
+  /** The first few handshake failures' reasons, for the report. */
+  handshakeFailures: string[];
   patched: number;
   elapsedMs: number;
   /** Why the run stopped early, if it did. */
@@ -1316,6 +1322,7 @@ export async function runFuzz(o: FuzzRunOptions): Promise<FuzzStats> {
     serverClosed: 0,
     connectFailed: 0,
     handshakeFailed: 0,
+    handshakeFailures: [],
     patched: 0,
     elapsedMs: 0,
     stoppedBy: null,
@@ -1352,7 +1359,10 @@ export async function runFuzz(o: FuzzRunOptions): Promise<FuzzStats> {
       stats.bytesReceived += r.bytesReceived;
       if (r.serverClosed) stats.serverClosed++;
       if (r.connectFailed) stats.connectFailed++;
-      if (r.handshakeFailed) stats.handshakeFailed++;
+      if (r.handshakeFailed) {
+        stats.handshakeFailed++;
+        if (stats.handshakeFailures.length < 5) stats.handshakeFailures.push(r.handshakeFailure ?? 'failed');
+      }
       stats.patched += r.patched;
       if (o.onProgress && Date.now() - lastProgress >= (o.progressEveryMs ?? 10_000)) {
         lastProgress = Date.now();
