@@ -75,9 +75,8 @@ interface Pending {
   length: number;
   resolve: (v: Buffer | Extent[] | null) => void;
   reject: (e: Error) => void;
+  /** READ: the caller's buffer or one allocated here, never a view of socket input. */
   data: Buffer | null;
-  /** True when `data` is the caller's buffer or one we allocated (not a view). */
-  ownsData: boolean;
   extents: Extent[] | null;
   error: DeviceError | null;
 }
@@ -165,12 +164,10 @@ export class NbdClient extends EventEmitter {
     if (!p || p.command !== Command.Read) return null;
     const at = offset === null ? 0 : offset - p.offset;
     if (at < 0 || at + length > p.length) return null; // onChunk reports the violation
-    if (!p.data || !p.ownsData) {
-      // Covered whole by this piece: no need to zero it first.
-      p.data = at === 0 && length === p.length ? Buffer.allocUnsafe(p.length) : Buffer.alloc(p.length);
-      p.ownsData = true;
-    }
-    return at === 0 && length === p.length ? p.data : p.data.subarray(at, at + length);
+    const whole = at === 0 && length === p.length;
+    // Covered whole by this piece: no need to zero it first.
+    p.data ??= whole ? Buffer.allocUnsafe(p.length) : Buffer.alloc(p.length);
+    return whole ? p.data : p.data.subarray(at, at + length);
   };
   private readonly onError = (err: Error) => this.fail(err);
   private readonly onClose = () => this.fail(new Error('connection closed by server'));
@@ -402,7 +399,6 @@ export class NbdClient extends EventEmitter {
           resolve,
           reject,
           data: into,
-          ownsData: into !== null,
           extents: null,
           error: null,
         });
@@ -494,13 +490,9 @@ export class NbdClient extends EventEmitter {
     p.resolve(null);
   }
 
-  /** Make p.data a buffer we may write into (the caller's or a new one). */
+  /** Make sure p.data exists (the caller's buffer, or a new zeroed one). */
   private ownedReadBuffer(p: Pending): void {
-    if (p.ownsData && p.data) return;
-    const buf = Buffer.alloc(p.length);
-    if (p.data) p.data.copy(buf); // an earlier whole-request view (unusual)
-    p.data = buf;
-    p.ownsData = true;
+    p.data ??= Buffer.alloc(p.length);
   }
 
   async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {

@@ -8,7 +8,7 @@
 // every run has a hard timeout.
 
 import * as fs from 'node:fs';
-import * as http from 'node:http';
+import { controlRequest } from '../../src/control/server';
 import type { Test } from 'tap';
 import {
   KiB,
@@ -84,43 +84,14 @@ export async function backupStart(control: string, target: string, opts: string[
   return lastJsonLine(r.stdout);
 }
 
-/** One request to the control API over its unix socket (bounded). */
+/** One request to the control API over its unix socket (bounded: 30 s). */
 export function controlHttp(
   control: string,
   method: string,
   urlPath: string,
   body?: unknown,
-  timeoutMs = 30_000,
 ): Promise<{ status: number; body: unknown }> {
-  return new Promise((resolve, reject) => {
-    const payload = body === undefined ? undefined : JSON.stringify(body);
-    const req = http.request(
-      {
-        socketPath: control,
-        method,
-        path: urlPath,
-        headers: payload ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } : {},
-        timeout: timeoutMs,
-      },
-      (res) => {
-        const chunks: Buffer[] = [];
-        res.on('data', (c: Buffer) => chunks.push(c));
-        res.on('end', () => {
-          const text = Buffer.concat(chunks).toString('utf8');
-          let parsed: unknown = text;
-          try {
-            parsed = JSON.parse(text);
-          } catch {
-            // keep the text
-          }
-          resolve({ status: res.statusCode ?? 0, body: parsed });
-        });
-      },
-    );
-    req.on('timeout', () => req.destroy(new Error(`${method} ${urlPath}: control request timed out`)));
-    req.on('error', reject);
-    req.end(payload);
-  });
+  return controlRequest({ socketPath: control }, method, urlPath, body);
 }
 
 /**

@@ -32,6 +32,7 @@ import {
   type ServerParsePhase,
 } from '../../src/nbd-protocol';
 import { NbdClient } from '../../src/client/client';
+import { probeNbd } from './peers';
 
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
@@ -47,7 +48,6 @@ export const NBD_CBW_BIN = path.join(REPO_ROOT, 'bin', 'nbd-cbw');
 export const SEED_DIR = path.join(REPO_ROOT, 'test', 'fixtures', 'fuzz-seeds');
 
 // Wire values from NetworkBlockDevice/nbd doc/proto.md.
-const NBDMAGIC = 0x4e42444d41474943n;
 const IHAVEOPT = 0x49484156454f5054n;
 const OPT_REPLY_MAGIC = 0x3e889045565a9n;
 const REQUEST_MAGIC = 0x25609513;
@@ -875,7 +875,7 @@ export async function startServer(opts: StartServerOptions = {}): Promise<Server
       await handle.stop();
       throw new Error(`nbd-cbw exited before accepting (code=${handle.exit?.code}):\n${out}`);
     }
-    if (fs.existsSync(socket) && (await probeGreeting(socket, 1000))) {
+    if (fs.existsSync(socket) && (await probeNbd(socket, 1000))) {
       await sleep(250); // the probe's connection is gone from the server's fds by then
       return handle;
     }
@@ -885,26 +885,6 @@ export async function startServer(opts: StartServerOptions = {}): Promise<Server
     }
     await sleep(25);
   }
-}
-
-/** Connect and wait for "NBDMAGIC"; bounded. */
-export function probeGreeting(socketPath: string, timeoutMs = 1000): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = net.createConnection({ path: socketPath });
-    let got = Buffer.alloc(0);
-    const done = (ok: boolean) => {
-      clearTimeout(timer);
-      s.destroy();
-      resolve(ok);
-    };
-    const timer = setTimeout(() => done(false), timeoutMs);
-    s.on('data', (d: Buffer) => {
-      got = Buffer.concat([got, d]);
-      if (got.length >= 8) done(got.readBigUInt64BE(0) === NBDMAGIC);
-    });
-    s.on('error', () => done(false));
-    s.on('close', () => done(false));
-  });
 }
 
 // ------------------------------------------------------ raw connections
