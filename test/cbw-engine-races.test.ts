@@ -17,7 +17,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { CbwFilter, type CbwErrorPolicy } from '../src/cbw/filter';
-import { CopyEngine, DEFAULT_ENGINE_OPTIONS, type CopyEngineOptions } from '../src/copy/engine';
+import { CopyEngine, DEFAULT_ENGINE_OPTIONS, sweepShare, type CopyEngineOptions } from '../src/copy/engine';
 import { DeviceError, type BlockDevice, type DeviceCapabilities, type Extent, type ZeroOptions } from '../src/device/types';
 import type { BackupTarget } from '../src/targets/types';
 import { mulberry32 } from './helpers/peers';
@@ -1125,6 +1125,46 @@ t.test('bufferBytes equals saved-not-yet-written bytes at a quiet moment', async
   r.engine.resume();
   await within(r.engine.done, 20_000, () => JSON.stringify(r.engine.progress()));
   exact(t, r, 'target equals the point-in-time image');
+});
+
+t.test("--buffer includes the sweep's data in flight: an eighth of it, counted in bufferBytes", async (t) => {
+  // 4 MiB buffer, 256 KiB runs: the sweep gets 512 KiB of it (two runs), guests the rest.
+  const r = await rig(t, { seed: 12, size: 32 * MiB, engine: { bufferBytes: 4 * MiB } });
+  r.target.block();
+  r.engine.start();
+  await within(
+    (async () => {
+      while (r.target.blocked < 2) await sleep(2);
+    })(),
+    5000,
+    () => `waiting for the sweep to fill its share: ${JSON.stringify(r.engine.progress())}`,
+  );
+  await sleep(50); // a sweep over its share would read on now
+  let p = r.engine.progress();
+  t.equal(p.bufferCapacity, 4 * MiB, 'capacity is all of --buffer');
+  t.equal(p.bufferBytes, 512 * KiB, 'the stalled sweep holds exactly its share');
+  const guestClusters = 20;
+  for (let i = 0; i < guestClusters; i++) {
+    const w = await within(settle(r.filter.write((100 + i) * r.cs, Buffer.alloc(100, 7))), 5000, () => `write ${i}`);
+    t.ok(w.ok, `guest write ${i}`);
+  }
+  p = r.engine.progress();
+  t.equal(p.bufferBytes, 512 * KiB + guestClusters * r.cs, 'guest-saved clusters add to it');
+  t.equal(p.bufferHighWater, p.bufferBytes, 'high water follows both');
+  r.target.unblock();
+  await within(r.engine.done, 20_000, () => JSON.stringify(r.engine.progress()));
+  t.ok(r.engine.progress().bufferHighWater <= 4 * MiB, `never over --buffer (peak ${r.engine.progress().bufferHighWater})`);
+  exact(t, r, 'target equals the point-in-time image');
+});
+
+t.test('sweepShare: which buffers include the sweep, and how much', async (t) => {
+  const cs = 64 * KiB;
+  t.strictSame(sweepShare(256 * MiB, 32 * MiB, 4 * MiB, cs), { bytes: 32 * MiB, inBuffer: true }, '256M: 32M (an eighth)');
+  t.strictSame(sweepShare(1024 * MiB, 32 * MiB, 4 * MiB, cs), { bytes: 32 * MiB, inBuffer: true }, '1G: capped at inFlightBytes');
+  t.strictSame(sweepShare(32 * MiB, 32 * MiB, 4 * MiB, cs), { bytes: 4 * MiB, inBuffer: true }, '32M: one full run');
+  t.strictSame(sweepShare(31 * MiB, 32 * MiB, 4 * MiB, cs), { bytes: 32 * MiB, inBuffer: false }, 'below: its own inFlightBytes');
+  t.strictSame(sweepShare(0, 32 * MiB, 4 * MiB, cs), { bytes: 32 * MiB, inBuffer: false }, '--buffer 0: its own');
+  t.strictSame(sweepShare(0, 1 * MiB, 4 * MiB, cs), { bytes: 4 * MiB, inBuffer: false }, 'never less than one run');
 });
 
 t.test('a guest write into a cluster the speed-limited sweep has claimed does not wait for the limiter', async (t) => {

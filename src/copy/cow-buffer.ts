@@ -17,7 +17,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { loadFileOps } from '../device/native';
 import type { BackupTarget } from '../targets/types';
-import { Budget, Deferred, backoffMs, sleep } from './sync';
+import { Budget, BudgetBuffers, Deferred, backoffMs, sleep } from './sync';
 
 export interface BufferedRun {
   offset: number;
@@ -45,7 +45,12 @@ export interface RunToAdd {
 }
 
 export interface CowBufferOptions {
+  /** RAM for guest-saved runs. */
   ramBytes: number;
+  /** RAM for the background sweep's runs on their way to the target. */
+  backgroundBytes: number;
+  /** The background share was carved out of --buffer: report it as part of the buffer. */
+  backgroundInBuffer: boolean;
   spillDir?: string;
   clusterSize: number;
   /** Largest target write after coalescing. */
@@ -69,7 +74,12 @@ export interface CowBufferEvents {
 }
 
 export class CowBuffer {
+  /** Guest-saved runs in RAM. */
   readonly ram: Budget;
+  /** The background sweep's runs, read and not yet on the target. */
+  readonly background: Budget;
+  private readonly ramBuffers: BudgetBuffers;
+  readonly backgroundBuffers: BudgetBuffers;
   private readonly queue = new Set<BufferedRun>();
   /**
    * The guest-saved subset of `queue`: written first, so a guest waiting on
@@ -97,13 +107,29 @@ export class CowBuffer {
     private readonly events: CowBufferEvents,
   ) {
     this.ram = new Budget(opts.ramBytes);
+    this.background = new Budget(opts.backgroundBytes);
+    this.ramBuffers = new BudgetBuffers(this.ram);
+    this.backgroundBuffers = new BudgetBuffers(this.background);
   }
 
+  /** --buffer: the guest share, plus the background share when it was carved out of it. */
   get ramCapacity(): number {
-    return this.opts.ramBytes;
+    return this.opts.ramBytes + (this.opts.backgroundInBuffer ? this.opts.backgroundBytes : 0);
   }
   get ramUsed(): number {
-    return this.ram.inUse;
+    return this.ram.inUse + (this.opts.backgroundInBuffer ? this.backgroundHeld : 0);
+  }
+
+  /**
+   * Bytes the sweep read and holds (not its workers' passing reservations of
+   * the background budget, which are not memory yet).
+   */
+  private backgroundHeld = 0;
+
+  /** The sweep read `bytes` (positive) or let them go (negative). */
+  noteBackground(bytes: number): void {
+    this.backgroundHeld += bytes;
+    this.noteUse();
   }
   get spillBytes(): number {
     return this.spillUsed;
@@ -135,8 +161,12 @@ export class CowBuffer {
   }
 
   private noteRam(r: 'ram'): 'ram' {
-    this.ramHighWater = Math.max(this.ramHighWater, this.ram.inUse);
+    this.noteUse();
     return r;
+  }
+
+  private noteUse(): void {
+    this.ramHighWater = Math.max(this.ramHighWater, this.ramUsed);
   }
 
   /** Give back a reservation that was not used (the read failed or was zero). */
@@ -187,14 +217,15 @@ export class CowBuffer {
   /** Drop everything (job failed or cancelled): frees RAM and the spill file. */
   stop(reason: Error): void {
     this.stopped = true;
-    this.pool.clear();
-    this.pooledBytes = 0;
+    this.ramBuffers.close();
+    this.backgroundBuffers.close();
     for (const run of this.queue) this.free(run);
     this.queue.clear();
     this.urgentQueue.clear();
     this.byStart.clear();
     this.byEnd.clear();
     this.ram.abort(reason);
+    this.background.abort(reason);
     for (const d of this.emptyWaiters.splice(0)) d.resolve();
     this.closeSpill();
   }
@@ -291,48 +322,13 @@ export class CowBuffer {
     return () => this.ram.release(bytes);
   }
 
-  /**
-   * Buffers for saved old data, reused once their runs reached the target.
-   * Saved data lives for seconds, long enough to be promoted to V8's old
-   * generation if freshly allocated each time; reuse keeps the guest path
-   * from feeding the expensive collections. Pooled bytes never exceed the
-   * RAM budget.
-   */
-  private readonly pool = new Map<number, Buffer[]>();
-  private pooledBytes = 0;
-
+  /** A buffer for `length` bytes of guest-saved data, already reserved in RAM. */
   takeBuffer(length: number): Buffer {
-    const free = this.pool.get(length);
-    const b = free?.pop();
-    if (b) {
-      this.pooledBytes -= length;
-      return b;
-    }
-    // A fresh allocation (its bytes were just reserved): drop pooled buffers
-    // of other sizes so that RAM in use plus RAM pooled stays within budget.
-    this.trimPool();
-    return Buffer.allocUnsafeSlow(length);
+    return this.ramBuffers.take(length);
   }
 
   giveBuffer(b: Buffer): void {
-    // Pooled buffers are held RAM too: in use plus pooled never exceeds the
-    // budget (--buffer), or the pool could double the process's footprint.
-    if (this.stopped || this.pooledBytes + this.ram.inUse + b.length > this.opts.ramBytes) return;
-    let free = this.pool.get(b.length);
-    if (!free) this.pool.set(b.length, (free = []));
-    free.push(b);
-    this.pooledBytes += b.length;
-  }
-
-  private trimPool(): void {
-    for (const [length, free] of this.pool) {
-      if (this.pooledBytes + this.ram.inUse <= this.opts.ramBytes) return;
-      while (free.length > 0 && this.pooledBytes + this.ram.inUse > this.opts.ramBytes) {
-        free.pop();
-        this.pooledBytes -= length;
-      }
-      if (free.length === 0) this.pool.delete(length);
-    }
+    this.ramBuffers.give(b);
   }
 
   private free(run: BufferedRun): void {

@@ -31,7 +31,10 @@ export interface CopyEngineOptions {
   workers: number;
   /** Largest coalesced read / target write. */
   maxChunk: number;
-  /** Bytes the background sweep may hold in memory (read, not yet on target). */
+  /**
+   * Bytes the background sweep may hold in memory (read, not yet on the
+   * target). Out of bufferBytes when that is large enough (see sweepShare).
+   */
   inFlightBytes: number;
   /** Background copy speed limit in bytes/s; 0 = unlimited. Guest-triggered copies ignore it. */
   speed: number;
@@ -60,6 +63,24 @@ export const DEFAULT_ENGINE_OPTIONS: CopyEngineOptions = {
   retryMaxMs: 5000,
   readAttempts: 5,
 };
+
+/**
+ * The sweep's memory. A --buffer big enough to spare an eighth for at least
+ * one full-size run includes the sweep's in-flight data (an eighth, at most
+ * inFlightBytes), so that --buffer bounds all the RAM the job's data takes.
+ * Smaller buffers (and --buffer 0) are for tests and for guests that must
+ * wait: the sweep then has its own inFlightBytes beside them.
+ */
+export function sweepShare(
+  bufferBytes: number,
+  inFlightBytes: number,
+  runBytes: number,
+  clusterSize: number,
+): { bytes: number; inBuffer: boolean } {
+  const eighth = Math.floor(bufferBytes / 8 / clusterSize) * clusterSize;
+  if (eighth >= runBytes) return { bytes: Math.max(runBytes, Math.min(inFlightBytes, eighth)), inBuffer: true };
+  return { bytes: Math.max(inFlightBytes, runBytes), inBuffer: false };
+}
 
 export type EngineState = 'created' | 'running' | 'paused' | 'completed' | 'failed' | 'cancelled';
 
@@ -97,6 +118,8 @@ export class CopyEngine extends EventEmitter {
   private readonly reading = new Map<number, Task>();
   private readonly buffer: CowBuffer;
   private readonly sweepBudget: Budget;
+  /** Clusters the sweep reads at once. */
+  private readonly sweepRunClusters: number;
   private readonly limiter: RateLimiter;
   private stateValue: EngineState = 'created';
   private failure: Error | null = null;
@@ -146,12 +169,16 @@ export class CopyEngine extends EventEmitter {
     this.toCopy = new ClusterBitmap(this.clusters);
     this.toCopy.setRange(0, this.clusters);
     this.zeroCluster = Buffer.alloc(cs);
-    this.sweepBudget = new Budget(Math.max(opts.inFlightBytes, opts.maxChunk));
+    const runBytes = Math.min(opts.maxChunk, target.maxWrite);
+    const share = sweepShare(opts.bufferBytes, opts.inFlightBytes, runBytes, cs);
+    this.sweepRunClusters = Math.max(1, Math.floor(Math.min(runBytes, share.bytes) / cs));
     this.limiter = new RateLimiter(opts.speed);
     this.buffer = new CowBuffer(
       target,
       {
-        ramBytes: opts.bufferBytes,
+        ramBytes: share.inBuffer ? opts.bufferBytes - share.bytes : opts.bufferBytes,
+        backgroundBytes: share.bytes,
+        backgroundInBuffer: share.inBuffer,
         spillDir: opts.spillDir,
         clusterSize: cs,
         maxWrite: Math.min(opts.maxChunk, target.maxWrite),
@@ -174,6 +201,7 @@ export class CopyEngine extends EventEmitter {
         fullWait: () => this.emit('bufferFullWait'),
       },
     );
+    this.sweepBudget = this.buffer.background;
     this.finished.promise.catch(() => undefined);
   }
 
@@ -256,7 +284,6 @@ export class CopyEngine extends EventEmitter {
     this.stateValue = state;
     this.failure = err;
     this.buffer.stop(err);
-    this.sweepBudget.abort(err);
     // Waiting guest writes go on: the snapshot is no longer being kept.
     for (const t of this.reading.values()) t.saved.resolve(true);
     this.reading.clear();
@@ -343,7 +370,7 @@ export class CopyEngine extends EventEmitter {
   private guestRunClusters(): number {
     const cs = this.opts.clusterSize;
     let bytes = this.runBytes();
-    if (this.opts.bufferBytes > 0 && !this.opts.spillDir) bytes = Math.min(bytes, this.opts.bufferBytes);
+    if (this.buffer.ram.limit > 0 && !this.opts.spillDir) bytes = Math.min(bytes, this.buffer.ram.limit);
     return Math.max(1, Math.floor(bytes / cs));
   }
 
@@ -574,7 +601,7 @@ export class CopyEngine extends EventEmitter {
   }
 
   private async worker(): Promise<void> {
-    const maxRun = Math.max(1, Math.floor(this.runBytes() / this.opts.clusterSize));
+    const maxRun = this.sweepRunClusters;
     while (this.isActive) {
       if (this.stateValue === 'paused') {
         await this.wake.promise;
@@ -607,15 +634,28 @@ export class CopyEngine extends EventEmitter {
       this.sweepBudget.release(budgetBytes - length);
       const task = this.claim(c, end);
       this.pendingAdds++;
+      // Read into a reused buffer that goes back once its last piece reached
+      // the target (or was found zero).
+      const into = this.buffer.backgroundBuffers.take(length);
+      this.buffer.noteBackground(length);
       try {
-        const data = await this.sweepSource.read(offset, length);
+        const data = await this.sweepSource.read(offset, length, into);
         this.readFailures = 0;
+        let left = length;
+        const releaseFor = (n: number) => () => {
+          this.buffer.noteBackground(-n);
+          this.sweepBudget.release(n);
+          left -= n;
+          if (left === 0) this.buffer.backgroundBuffers.give(into);
+        };
         // Saved once read: the bytes are in memory on their way to the target.
-        const stored = this.store(c, data, (n) => () => this.sweepBudget.release(n), null);
+        const stored = this.store(c, data, releaseFor, null);
         this.release(task, true);
         await stored;
       } catch (e) {
+        this.buffer.noteBackground(-length);
         this.sweepBudget.release(length);
+        this.buffer.backgroundBuffers.give(into);
         this.release(task, false);
         if (!this.isActive) return;
         this.readFailures++;

@@ -33,6 +33,10 @@ export class Budget {
     return this.used;
   }
 
+  get limit(): number {
+    return this.capacity;
+  }
+
   /** Take n now if it fits (an oversize request fits an empty budget). */
   tryAcquire(n: number): boolean {
     if (this.waiters.length === 0 && (this.used + n <= this.capacity || this.used === 0)) {
@@ -72,6 +76,58 @@ export class Budget {
       this.used += w.n;
       w.d.resolve();
     }
+  }
+}
+
+/**
+ * Buffers paid for from a Budget, reused once given back. Saved data lives
+ * for seconds, long enough to reach V8's old generation if freshly
+ * allocated each time: reuse keeps the copy path from feeding the expensive
+ * collections, and keeps the memory held at what the budget says instead of
+ * the budget plus garbage not yet collected. Bytes in use (the budget's)
+ * plus idle bytes here never exceed the budget's limit.
+ */
+export class BudgetBuffers {
+  private readonly idle = new Map<number, Buffer[]>();
+  private idleBytes = 0;
+  private closed = false;
+
+  constructor(private readonly budget: Budget) {}
+
+  /** A buffer of `length` bytes, whose bytes the caller already acquired from the budget. */
+  take(length: number): Buffer {
+    const b = this.idle.get(length)?.pop();
+    if (b) {
+      this.idleBytes -= length;
+      return b;
+    }
+    // A fresh allocation: drop idle buffers of other sizes so that in use
+    // plus idle stays within the budget.
+    for (const [size, list] of this.idle) {
+      while (list.length > 0 && this.idleBytes + this.budget.inUse > this.budget.limit) {
+        list.pop();
+        this.idleBytes -= size;
+      }
+      if (list.length === 0) this.idle.delete(size);
+      if (this.idleBytes + this.budget.inUse <= this.budget.limit) break;
+    }
+    return Buffer.allocUnsafeSlow(length);
+  }
+
+  /** Back for reuse, after its bytes went back to the budget; kept only while it fits. */
+  give(b: Buffer): void {
+    if (this.closed || this.idleBytes + this.budget.inUse + b.length > this.budget.limit) return;
+    let list = this.idle.get(b.length);
+    if (!list) this.idle.set(b.length, (list = []));
+    list.push(b);
+    this.idleBytes += b.length;
+  }
+
+  /** Drop every idle buffer and keep none from now on (the job ended). */
+  close(): void {
+    this.closed = true;
+    this.idle.clear();
+    this.idleBytes = 0;
   }
 }
 

@@ -135,7 +135,11 @@ export class NbdDevice implements BlockDevice {
       const n = Math.min(this.maxRequest, length - at);
       parts.push(this.withClient((c) => c.read(offset + at, n, out.subarray(at, at + n))));
     }
-    await Promise.all(parts);
+    // Every part settled before failing: a caller reusing `into` after a
+    // failure must not have a late part still filling it.
+    const settled = await Promise.allSettled(parts);
+    const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
     return out;
   }
 
