@@ -918,6 +918,38 @@ t.test('server stream split at every offset', async (t) => {
 });
 
 /**
+ * Feed `pieces` the way a socket with parserReadHooks reads: each piece is
+ * copied into one reused input buffer that is scribbled over after every
+ * push; with `direct`, while a payload is being assembled the bytes go
+ * straight into it (collectingInto / collected).
+ */
+function feedReused<M>(
+  parser: { collectingInto: Buffer | null; collected(n: number, emit: (m: M) => void): void; push(b: Buffer, emit: (m: M) => void): void },
+  pieces: Buffer[],
+  emit: (m: M) => void,
+  direct: boolean,
+): void {
+  const reused = Buffer.alloc(Math.max(1, ...pieces.map((p) => p.length)));
+  for (const p of pieces) {
+    let at = 0;
+    while (at < p.length) {
+      const into = direct ? parser.collectingInto : null;
+      if (into !== null && into.length > 0) {
+        const n = Math.min(into.length, p.length - at);
+        p.copy(into, 0, at, at + n);
+        parser.collected(n, emit);
+        at += n;
+        continue;
+      }
+      p.copy(reused, 0, at);
+      parser.push(reused.subarray(0, p.length - at), emit);
+      reused.fill(0xee);
+      at = p.length;
+    }
+  }
+}
+
+/**
  * The server stream parsed the way NbdClient reads a plain socket: each piece
  * is copied into one reused input buffer that is scribbled over after every
  * push, and READ data goes through the readInto hook. Messages are
@@ -946,26 +978,7 @@ function runServerInto(pieces: Buffer[], readLengthOf: (c: bigint) => number, di
       parser.phase = 'transmission';
     }
   };
-  const reused = Buffer.alloc(Math.max(1, ...pieces.map((p) => p.length)));
-  for (const p of pieces) {
-    let at = 0;
-    while (at < p.length) {
-      // direct: like NbdClient's socket, read into the payload's destination
-      // while one is being assembled (collectingInto / collected).
-      const into = direct ? parser.collectingInto : null;
-      if (into !== null && into.length > 0) {
-        const n = Math.min(into.length, p.length - at);
-        p.copy(into, 0, at, at + n);
-        parser.collected(n, emit);
-        at += n;
-        continue;
-      }
-      p.copy(reused, 0, at);
-      parser.push(reused.subarray(0, p.length - at), emit);
-      reused.fill(0xee);
-      at = p.length;
-    }
-  }
+  feedReused(parser, pieces, emit, direct);
   for (const [cookie, data] of dests) msgs.push({ type: 'dest', cookie, data });
   return msgs;
 }
@@ -985,6 +998,40 @@ t.test('server stream with readInto through a reused input buffer, split at ever
   everySplit(t, 'server stream read straight into its destinations', bytes, into, (pieces) =>
     runServerInto(pieces, readLengthOf, true),
   );
+});
+
+/**
+ * The client stream parsed the way NbdConnection reads a plain socket
+ * (feedReused, with inputReused). Messages are NOT snapshotted: a payload left as a view of the input would be garbage
+ * by the time they are compared.
+ */
+function runClientReused(pieces: Buffer[], direct: boolean): ClientMessage[] {
+  const parser = new ClientStreamParser({ inputReused: true });
+  const msgs: ClientMessage[] = [];
+  const emit = (m: ClientMessage) => {
+    msgs.push(m);
+    if (m.type === 'option' && m.option === Option.Go) parser.phase = 'transmission';
+  };
+  feedReused(parser, pieces, emit, direct);
+  return msgs;
+}
+
+t.test('client stream through a reused input buffer, split at every offset', async (t) => {
+  const { bytes, expected } = clientStream();
+  everySplit(t, 'client stream, reused input', bytes, expected, (pieces) => runClientReused(pieces, false));
+  everySplit(t, 'client stream, payloads read straight in', bytes, expected, (pieces) => runClientReused(pieces, true));
+  // The check above can fail: without inputReused, whole payloads are views
+  // of the scribbled-over input.
+  const whole = [bytes];
+  const parser = new ClientStreamParser();
+  const msgs: ClientMessage[] = [];
+  const reused = Buffer.from(bytes);
+  parser.push(reused, (m) => {
+    msgs.push(m);
+    if (m.type === 'option' && m.option === Option.Go) parser.phase = 'transmission';
+  });
+  reused.fill(0xee);
+  t.notSame(msgs, runClient(whole), 'without inputReused, payloads are views of the input');
 });
 
 t.test('oversized option stream split at every offset', async (t) => {

@@ -40,14 +40,10 @@ import {
   type ServerMessage,
 } from '../nbd-protocol';
 import { corkForTick } from '../util/cork';
+import { parserReadHooks } from '../util/socket-reads';
 import { DeviceError } from '../device/types';
 import type { NbdAddress } from './uri';
 import { clientTlsFor, formatNbdUri } from './uri';
-
-/** Size of the reused socket read buffer of a plain (non-TLS) connection. */
-const SOCKET_READ_BUFFER = 256 * 1024;
-/** Smallest rest of a payload worth a read straight into its destination. */
-const DIRECT_READ_MIN = 16 * 1024;
 
 export interface NbdClientOptions {
   /** Requests on the wire at once (qemu uses 16). */
@@ -125,7 +121,7 @@ export class NbdClient extends EventEmitter {
     // external memory, which drives its full collections. Nothing may keep a
     // view into the reused buffer past the callback (see onMessage). TLS
     // needs ordinary reads.
-    const onread = opts.tls ? undefined : { buffer: this.nextReadBuffer, callback: this.onRead };
+    const onread = opts.tls ? undefined : parserReadHooks(this.parser, this.onMessage);
     this.socket = addr.socketPath
       ? net.createConnection({ path: addr.socketPath, onread })
       : net.createConnection({ host: addr.host, port: addr.port ?? 10809, onread });
@@ -134,26 +130,6 @@ export class NbdClient extends EventEmitter {
   }
 
   private readonly onData = (chunk: Buffer) => this.parser.push(chunk, this.onMessage);
-  private readonly socketReadBuffer = Buffer.allocUnsafeSlow(SOCKET_READ_BUFFER);
-  /** The destination view handed out for the next read, if any. */
-  private directRead: Buffer | null = null;
-
-  private readonly nextReadBuffer = (): Buffer => {
-    const into = this.parser.collectingInto;
-    // Short remainders are left to the reused buffer, which takes them
-    // together with the messages after them in one read.
-    this.directRead = into !== null && into.length >= DIRECT_READ_MIN ? into : null;
-    return this.directRead ?? this.socketReadBuffer;
-  };
-
-  private readonly onRead = (n: number, buf: Buffer): boolean => {
-    if (buf === this.directRead) {
-      this.directRead = null;
-      this.parser.collected(n, this.onMessage);
-    } else this.parser.push(buf.subarray(0, n), this.onMessage);
-    return true;
-  };
-
   /**
    * The parser's readInto hook: READ data goes straight into the request's
    * buffer (the caller's, or one allocated here), never into a view of the

@@ -45,6 +45,11 @@ abstract class IncrementalParser<M extends { type: string }> {
   private carry: Buffer | null = null;
   private collector: PayloadCollector<M> | null = null;
   protected dead = false;
+  /**
+   * The caller reuses its input buffers (one read buffer for every read):
+   * payloads are always copied out, never handed out as views of the input.
+   */
+  inputReused = false;
 
   get isDead(): boolean {
     return this.dead;
@@ -134,7 +139,12 @@ abstract class IncrementalParser<M extends { type: string }> {
     const start = pos + headerLen;
     const avail = buf.length - start;
     if (avail >= payloadLen) {
-      emit(finish(keep ? buf.subarray(start, start + payloadLen) : null));
+      let payload: Buffer | null = null;
+      if (keep && this.inputReused) {
+        payload = alloc(payloadLen);
+        buf.copy(payload, 0, start, start + payloadLen);
+      } else if (keep) payload = buf.subarray(start, start + payloadLen);
+      emit(finish(payload));
       return headerLen + payloadLen;
     }
     this.collector = {
@@ -187,9 +197,15 @@ export interface ClientStreamParserOptions {
   maxOptionLength?: number;
   /**
    * Where a WRITE payload that arrived split is assembled (default: a new
-   * buffer of exactly its length). Payloads that arrived whole are views.
+   * buffer of exactly its length). Payloads that arrived whole are views,
+   * unless inputReused.
    */
   allocWritePayload?: (length: number) => Buffer;
+  /**
+   * The caller feeds every chunk from one reused buffer: every payload is
+   * copied out (WRITE payloads into allocWritePayload buffers).
+   */
+  inputReused?: boolean;
 }
 
 /** Parses the client-to-server byte stream (used by servers). */
@@ -204,6 +220,7 @@ export class ClientStreamParser extends IncrementalParser<ClientMessage> {
     this.maxPayload = opts.maxPayload ?? MAX_PAYLOAD;
     this.maxOptionLength = opts.maxOptionLength ?? MAX_OPTION_LENGTH;
     this.allocWritePayload = opts.allocWritePayload ?? Buffer.allocUnsafe;
+    this.inputReused = !!opts.inputReused;
   }
 
   protected parseOne(buf: Buffer, pos: number, emit: (msg: ClientMessage) => void): number {

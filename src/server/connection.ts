@@ -36,6 +36,7 @@ import {
   type RequestMessage,
 } from '../nbd-protocol';
 import { corkForTick } from '../util/cork';
+import { adoptWithReadHooks, parserReadHooks } from '../util/socket-reads';
 import { PayloadPool } from '../util/payload-pool';
 import { DeviceError, type BlockDevice, type Extent } from '../device/types';
 
@@ -74,6 +75,12 @@ export interface ConnectionOptions {
   maxInFlightBytes?: number;
   /** Drop clients that have not finished the handshake in this time. */
   handshakeTimeoutMs?: number;
+  /**
+   * Read the socket into one reused buffer, and WRITE payloads straight into
+   * their own buffers, instead of Node's fresh allocation per read
+   * (adoptWithReadHooks). Not with TLS, which needs ordinary reads.
+   */
+  reuseReadBuffer?: boolean;
   observer?: ConnectionObserver;
   log?: (msg: string) => void;
 }
@@ -119,15 +126,22 @@ export class NbdConnection {
     private readonly opts: ConnectionOptions,
   ) {
     this.socket = socket;
+    if (opts.reuseReadBuffer && !opts.tls) {
+      const adopted = adoptWithReadHooks(socket, parserReadHooks(this.parser, this.handle), true);
+      if (adopted) {
+        this.socket = adopted;
+        this.parser.inputReused = true;
+      }
+    }
     this.maxInFlight = opts.maxInFlight ?? 64;
     this.maxInFlightBytes = opts.maxInFlightBytes ?? 2 * MAX_PAYLOAD;
-    socket.setNoDelay?.(true);
-    this.bind(socket);
+    this.socket.setNoDelay?.(true);
+    this.bind(this.socket);
     const timeout = opts.handshakeTimeoutMs ?? 10_000;
     if (timeout > 0) {
       this.handshakeTimer = setTimeout(() => {
         this.log('handshake timed out');
-        socket.destroy();
+        this.socket.destroy();
       }, timeout);
       this.handshakeTimer.unref();
     }
@@ -165,6 +179,11 @@ export class NbdConnection {
     this.socket = secure;
     this.tlsActive = true;
     this.bind(secure);
+  }
+
+  /** The socket this connection reads (another object than the accepted one with reuseReadBuffer). */
+  get transport(): Socket {
+    return this.socket;
   }
 
   /** Finish outstanding requests and close. */

@@ -25,6 +25,8 @@ export interface NbdServerOptions {
   handshakeTimeoutMs?: number;
   maxInFlight?: number;
   tls?: ServerTls;
+  /** Connections read into reused buffers (default; never with TLS): see NbdConnection. */
+  reuseReadBuffer?: boolean;
   observer?: ConnectionObserver;
   log?: (msg: string) => void;
 }
@@ -51,6 +53,10 @@ export class NbdServer {
     this.registry = new StaticExports(opts.exports);
   }
 
+  private get maxConnections(): number {
+    return this.opts.maxConnections ?? 256;
+  }
+
   get connectionCount(): number {
     return this.sockets.size;
   }
@@ -61,7 +67,6 @@ export class NbdServer {
     // their replies (the connection drains, then ends its side); without it
     // Node ends our side at once and the replies fail with EPIPE.
     const server = net.createServer({ pauseOnConnect: false, allowHalfOpen: true }, (s) => this.accept(s));
-    server.maxConnections = this.opts.maxConnections ?? 256;
     if (addr.socketPath) removeStaleSocket(addr.socketPath);
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
@@ -79,16 +84,24 @@ export class NbdServer {
     return bound;
   }
 
-  private accept(socket: net.Socket): void {
-    this.sockets.add(socket);
-    const conn = new NbdConnection(socket, {
+  private accept(accepted: net.Socket): void {
+    // Counted here: with reuseReadBuffer, net.Server sees the accepted
+    // socket object go at once (the connection lives on in another).
+    if (this.sockets.size >= this.maxConnections) {
+      accepted.destroy();
+      return;
+    }
+    const conn = new NbdConnection(accepted, {
       exports: this.registry,
       handshakeTimeoutMs: this.opts.handshakeTimeoutMs,
       maxInFlight: this.opts.maxInFlight,
       tls: this.opts.tls,
+      reuseReadBuffer: !this.opts.tls && this.opts.reuseReadBuffer !== false,
       observer: this.opts.observer,
       log: this.opts.log,
     });
+    const socket = conn.transport;
+    this.sockets.add(socket);
     this.connections.add(conn);
     socket.on('close', () => {
       this.sockets.delete(socket);

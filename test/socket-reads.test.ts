@@ -1,0 +1,81 @@
+// adoptWithReadHooks on real unix sockets: reads land in our buffer, a
+// half-close still ends the stream (the server drains on it), replies go
+// out, the server's own count sees the accepted object go, and a socket that
+// already read data is left alone.
+
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import t, { type Test } from 'tap';
+import { adoptWithReadHooks } from '../src/util/socket-reads';
+
+function tmpSocket(t: Test): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-cbw-adopt-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  return path.join(dir, 's.sock');
+}
+
+t.test('an adopted socket reads into our buffer, sees the half-close and replies', async (t) => {
+  const sock = tmpSocket(t);
+  const readBuffer = Buffer.alloc(7); // small: the message arrives over several reads
+  const received: Buffer[] = [];
+  let intoOurs = true;
+  let adopted: net.Socket | null = null;
+  let acceptedDestroyed = false;
+  const server = net.createServer({ allowHalfOpen: true }, (s) => {
+    adopted = adoptWithReadHooks(
+      s,
+      {
+        buffer: () => readBuffer,
+        callback: (n, buf) => {
+          if (buf !== readBuffer) intoOurs = false;
+          received.push(Buffer.from(buf.subarray(0, n)));
+          return true;
+        },
+      },
+      true,
+    );
+    acceptedDestroyed = s.destroyed;
+    adopted?.on('end', () => adopted?.end(`got ${Buffer.concat(received).toString()}`));
+  });
+  await new Promise<void>((r) => server.listen(sock, r));
+  t.teardown(() => server.close());
+
+  const reply = await new Promise<string>((resolve, reject) => {
+    const c = net.createConnection({ path: sock, allowHalfOpen: true }, () => c.end('hello, adopted world'));
+    const parts: Buffer[] = [];
+    c.on('data', (d: Buffer) => parts.push(d));
+    c.on('end', () => resolve(Buffer.concat(parts).toString()));
+    c.on('error', reject);
+  });
+  t.ok(adopted, 'the socket was adopted');
+  t.ok(acceptedDestroyed, 'the accepted socket object was let go');
+  t.ok(intoOurs, 'every read landed in the buffer we gave');
+  t.ok(received.length >= 3, `the message came in several reads (${received.length})`);
+  t.equal(reply, 'got hello, adopted world', 'the reply reached the client after its half-close');
+  const left = await new Promise<number>((r) => server.getConnections((_e, n) => r(n)));
+  t.equal(left, 0, "net.Server's own count no longer includes it");
+});
+
+t.test('a socket that already read data is not adopted', async (t) => {
+  const sock = tmpSocket(t);
+  const result = new Promise<{ adopted: boolean; data: string }>((resolve) => {
+    const server = net.createServer((s) => {
+      s.once('data', (d: Buffer) => {
+        const a = adoptWithReadHooks(s, { buffer: () => Buffer.alloc(16), callback: () => true }, false);
+        resolve({ adopted: a !== null, data: d.toString() });
+        s.destroy();
+        server.close();
+      });
+    });
+    server.listen(sock, () => {
+      const c = net.createConnection(sock, () => c.write('early'));
+      c.on('error', () => undefined);
+      c.on('close', () => undefined);
+    });
+  });
+  const r = await result;
+  t.equal(r.data, 'early');
+  t.equal(r.adopted, false, 'left to the ordinary reads it already started');
+});
