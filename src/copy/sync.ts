@@ -84,8 +84,14 @@ export class Budget {
  * for seconds, long enough to reach V8's old generation if freshly
  * allocated each time: reuse keeps the copy path from feeding the expensive
  * collections, and keeps the memory held at what the budget says instead of
- * the budget plus garbage not yet collected. Bytes in use (the budget's)
- * plus idle bytes here never exceed the budget's limit.
+ * the budget plus garbage not yet collected.
+ *
+ * Memory bound: a fresh buffer is allocated only after idle buffers were
+ * dropped until idle plus the budget's in-use bytes fit its limit, and giving
+ * back allocates nothing, so buffers in use plus idle never exceed the limit.
+ * A buffer given back is kept even when a waiter has already taken its bytes
+ * from the budget: that waiter's take() is what reuses it. (Dropping it there
+ * made every guest write on a full buffer allocate afresh.)
  */
 export class BudgetBuffers {
   private readonly idle = new Map<number, Buffer[]>();
@@ -114,9 +120,9 @@ export class BudgetBuffers {
     return Buffer.allocUnsafeSlow(length);
   }
 
-  /** Back for reuse, after its bytes went back to the budget; kept only while it fits. */
+  /** Back for reuse (its bytes go back to the budget around now). */
   give(b: Buffer): void {
-    if (this.closed || this.idleBytes + this.budget.inUse + b.length > this.budget.limit) return;
+    if (this.closed || this.idleBytes + b.length > this.budget.limit) return;
     let list = this.idle.get(b.length);
     if (!list) this.idle.set(b.length, (list = []));
     list.push(b);
