@@ -88,6 +88,12 @@ export interface ConnectionOptions {
 const BASE_ALLOCATION_ID = 1;
 /** Assembled WRITE payloads, shared by all connections (idle buffers capped at 16 MiB). */
 const writePayloads = new PayloadPool(16 * 1024 * 1024);
+/**
+ * READ data buffers, back once the reply left for the kernel. A fresh
+ * buffer this large comes from mmap: page faults and zeroing on every read.
+ */
+const readBuffers = new PayloadPool(16 * 1024 * 1024);
+const POOLED_READ_MIN = 64 * 1024;
 const MAX_EXTENTS_PER_REPLY = 1024;
 /** Extent lengths are 32-bit on the wire; keep them block-aligned below 4 GiB. */
 const MAX_EXTENT_LENGTH = 0x80000000;
@@ -525,12 +531,23 @@ export class NbdConnection {
           this.send(this.structured ? build.noneChunk(cookie) : build.simpleReplyHeader(cookie, 0));
           return 0;
         }
-        const data = await dev.read(offset, length);
-        if (this.phase === 'closed') return length;
+        const into = length >= POOLED_READ_MIN ? readBuffers.take(length) : undefined;
+        const giveBack = into && (() => readBuffers.give(into));
+        let data: Buffer;
+        try {
+          data = await dev.read(offset, length, into);
+        } catch (e) {
+          giveBack?.();
+          throw e;
+        }
+        if (this.phase === 'closed') {
+          giveBack?.();
+          return length;
+        }
         if (this.structured) {
-          this.sendPair(build.offsetDataHeader(cookie, ReplyFlag.Done, offset, data.length), data);
+          this.sendPair(build.offsetDataHeader(cookie, ReplyFlag.Done, offset, data.length), data, giveBack);
         } else {
-          this.sendPair(build.simpleReplyHeader(cookie, 0), data);
+          this.sendPair(build.simpleReplyHeader(cookie, 0), data, giveBack);
         }
         return length;
       }
@@ -572,12 +589,15 @@ export class NbdConnection {
     }
   }
 
-  /** Header and payload leave in one write so the kernel sees them together. */
-  private sendPair(header: Buffer, data: Buffer): void {
-    if (this.phase === 'closed') return;
+  /**
+   * Header and payload leave in one write so the kernel sees them together.
+   * `written` runs once the payload is no longer needed (sent or failed).
+   */
+  private sendPair(header: Buffer, data: Buffer, written?: () => void): void {
+    if (this.phase === 'closed') return written?.();
     corkForTick(this.socket);
     this.socket.write(header);
-    this.socket.write(data);
+    this.socket.write(data, written && (() => written()));
   }
 
   private replyOk(cookie: bigint): void {
