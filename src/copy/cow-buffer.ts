@@ -17,6 +17,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { loadFileOps } from '../device/native';
 import type { BackupTarget } from '../targets/types';
+import { PayloadPool } from '../util/payload-pool';
 import { Budget, BudgetBuffers, Deferred, backoffMs, sleep } from './sync';
 
 export interface BufferedRun {
@@ -80,6 +81,11 @@ export class CowBuffer {
   readonly background: Budget;
   private readonly ramBuffers: BudgetBuffers;
   readonly backgroundBuffers: BudgetBuffers;
+  /**
+   * Buffers that pass spilled data through: guest-saved runs on their way
+   * into the spill file, and spilled runs read back for a target write.
+   */
+  readonly staging = new PayloadPool(16 * 1024 * 1024);
   private readonly queue = new Set<BufferedRun>();
   /**
    * The guest-saved subset of `queue`: written first, so a guest waiting on
@@ -289,7 +295,13 @@ export class CowBuffer {
       const started = process.hrtime.bigint();
       try {
         if (zero) await this.target.writeZeroes(offset, length);
-        else await this.target.write(offset, await Promise.all(group.map((r) => this.bytesOf(r))));
+        else {
+          const data = await Promise.all(group.map((r) => this.bytesOf(r)));
+          await this.target.write(offset, data);
+          // Read back from the spill file for this write: reusable now. (Not
+          // after a failure: part of the write might still be on its way.)
+          group.forEach((r, i) => r.where === 'spill' && this.staging.give(data[i]));
+        }
         this.events.written(length, Number(process.hrtime.bigint() - started) / 1e9, zero);
         break;
       } catch (e) {
@@ -370,11 +382,12 @@ export class CowBuffer {
       );
     }
     this.spillUsed += data.length;
-    try {
-      await Promise.all(writes);
-    } catch (e) {
+    // Every piece settled before the slots can be given back: a late write
+    // would land in a slot already reused.
+    const failed = (await Promise.allSettled(writes)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) {
       this.spillRelease(slots);
-      throw new Error(`spill file write failed: ${(e as Error).message}`);
+      throw new Error(`spill file write failed: ${(failed.reason as Error).message}`);
     }
     return slots;
   }
@@ -382,7 +395,7 @@ export class CowBuffer {
   private spillRead(slots: number[], length: number): Promise<Buffer> {
     const fd = this.spillFd as number;
     const cs = this.opts.clusterSize;
-    const out = Buffer.allocUnsafe(length);
+    const out = this.staging.take(length);
     return Promise.all(
       slots.map(
         (slot, i) =>

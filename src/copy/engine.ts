@@ -428,14 +428,16 @@ export class CopyEngine extends EventEmitter {
       return;
     }
     // RAM runs read into a pooled buffer that goes back to the pool when the
-    // last piece of it reached the target.
-    const pooled = where === 'ram' ? this.buffer.takeBuffer(length) : null;
+    // last piece of it reached the target; spill runs into a staging buffer,
+    // back once in the spill file.
+    const pooled = where === 'ram' ? this.buffer.takeBuffer(length) : this.buffer.staging.take(length);
     let data: Buffer;
     try {
-      data = await this.source.read(offset, length, pooled ?? undefined);
+      data = await this.source.read(offset, length, pooled);
     } catch (e) {
       this.buffer.unreserve(where, length);
-      if (pooled) this.buffer.giveBuffer(pooled);
+      if (where === 'ram') this.buffer.giveBuffer(pooled);
+      else this.buffer.staging.give(pooled);
       this.readFailed(task, e);
       return;
     }
@@ -448,7 +450,10 @@ export class CopyEngine extends EventEmitter {
           if (left === 0 && pooled) this.buffer.giveBuffer(pooled);
         };
         await this.store(task.first, data, releaseFor, null, 'ram', true);
-      } else await this.store(task.first, data, null, null, 'spill', true);
+      } else {
+        await this.store(task.first, data, null, null, 'spill', true);
+        this.buffer.staging.give(pooled); // (not after a failed spill write)
+      }
     } catch (e) {
       this.fail(e instanceof Error ? e : new Error(String(e)));
     }
