@@ -16,6 +16,9 @@
 //   hang (delay filter wdelay=30, i.e. 30 s; nbdkit 1.32 rejects "30s"): break-snapshot lets the write through after
 //   ~200 ms and fails the job; break-guest-write fails the write, the job
 //   keeps running;
+// - an nbdkit memory target (log filter): fresh, its block status says all
+//   zero and it gets no write-zeroes; written over first, it gets them;
+//   both end exact;
 // - `status --json` fields; clear one-line errors for bad input (bad target
 //   URI, --buffer 12Q, a second job while one runs: 409).
 
@@ -312,6 +315,30 @@ t.test('status --json', async (t) => {
   t.equal(done.bytesDone, done.bytesTotal, 'bytesDone = bytesTotal');
   t.equal(done.bufferBytes, 0, 'buffer empty');
   t.equal(done.error, null, 'no error');
+});
+
+// ---------------------------------------------------- targets reading as zero
+
+t.test('an NBD target whose block status says all zero gets no write-zeroes; a used one does', async (t) => {
+  const r = await serve(t, 808); // holes and zero-filled runs among the data
+  for (const used of [false, true]) {
+    const log = tmpPath(t, used ? 'used-log' : 'fresh-log', '.txt');
+    const target = await memoryTarget(t, ['--filter=log'], [`logfile=${log}`]);
+    if (used) {
+      const w = await qemuIo(target.uri, [`write -P 0x55 0 ${SIZE}`]);
+      t.equal(w.code, 0, 'the used target was written all over first');
+    }
+    const job = await backupStart(r.control, target.uri, []);
+    const done = await backupWait(r.control, job.id, 60_000);
+    t.equal(done.code, 0, `${used ? 'used' : 'fresh'} target: completed`);
+    await checkTarget(t, target.uri, r.snapshot, used ? 'used target' : 'fresh target');
+    const zeroes = fs
+      .readFileSync(log, 'utf8')
+      .split('\n')
+      .filter((l) => / Zero id=\d+ offset=/.test(l)).length;
+    if (used) t.ok(zeroes > 0, `used target: zero ranges were written as zeroes (${zeroes} log lines)`);
+    else t.equal(zeroes, 0, 'fresh target: reads as zero, so no write-zeroes at all');
+  }
 });
 
 // ------------------------------------------------------------ bad input

@@ -4,6 +4,35 @@ import { NbdClient } from '../client/client';
 import { parseNbdUri } from '../client/uri';
 import type { BackupTarget, TargetOpenOptions } from './types';
 
+/** Block-status requests spent on asking whether a target reads as zeros. */
+const ZERO_PROBE_REQUESTS = 1024;
+
+/**
+ * True when the target's block status calls all of [0, size) zero (a fresh
+ * nbdkit memory or sparse file, a new qcow2 behind qemu-nbd): then ranges
+ * that are zero on the disk need no write-zeroes there, as with
+ * --target-is-zero. Only this job writes the target, so zero now is zero
+ * when the job completes. Anything else, or no answer, means no.
+ */
+async function readsAsZeroUpTo(client: NbdClient, size: number): Promise<boolean> {
+  if (client.baseAllocationId === null) return false;
+  let offset = 0;
+  try {
+    for (let n = 0; offset < size && n < ZERO_PROBE_REQUESTS; n++) {
+      const extents = await client.blockStatus(offset, Math.min(size - offset, 0xffffffff - 0xffff));
+      if (extents.length === 0) return false;
+      for (const e of extents) {
+        if ((e.flags & 2) === 0 || e.length <= 0) return false;
+        offset += e.length;
+        if (offset >= size) break;
+      }
+    }
+  } catch {
+    return false;
+  }
+  return offset >= size;
+}
+
 export class NbdTarget implements BackupTarget {
   readonly description: string;
   readonly maxWrite: number;
@@ -17,10 +46,7 @@ export class NbdTarget implements BackupTarget {
   }
 
   static async open(uri: string, opts: TargetOpenOptions): Promise<NbdTarget> {
-    const client = await NbdClient.connect(parseNbdUri(uri), {
-      maxInFlight: opts.maxInFlight ?? 16,
-      baseAllocation: false,
-    });
+    const client = await NbdClient.connect(parseNbdUri(uri), { maxInFlight: opts.maxInFlight ?? 16 });
     if (client.transmissionFlags & 2) {
       await client.close();
       throw new Error(`target ${uri} is read-only`);
@@ -29,7 +55,8 @@ export class NbdTarget implements BackupTarget {
       await client.close();
       throw new Error(`target ${uri} is ${client.size} bytes, smaller than the ${opts.size}-byte disk`);
     }
-    return new NbdTarget(client, !!opts.targetIsZero);
+    const readsAsZero = !!opts.targetIsZero || (await readsAsZeroUpTo(client, opts.size));
+    return new NbdTarget(client, readsAsZero);
   }
 
   async write(offset: number, data: readonly Buffer[]): Promise<void> {
