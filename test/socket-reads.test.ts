@@ -1,7 +1,9 @@
 // adoptWithReadHooks on real unix sockets: reads land in our buffer, a
 // half-close still ends the stream (the server drains on it), replies go
 // out, the server's own count sees the accepted object go, and a socket that
-// already read data is left alone.
+// already read data is left alone. Then an NbdServer on a file, driven by
+// qemu-io: its connections take the reused-buffer path (no fallback warning)
+// and 32 KiB and 1 MiB patterns written through it read back.
 
 import fs from 'node:fs';
 import net from 'node:net';
@@ -9,6 +11,9 @@ import os from 'node:os';
 import path from 'node:path';
 import t, { type Test } from 'tap';
 import { adoptWithReadHooks } from '../src/util/socket-reads';
+import { FileDevice } from '../src/device/file';
+import { NbdServer } from '../src/server/server';
+import { run } from './helpers/peers';
 
 function tmpSocket(t: Test): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-cbw-adopt-'));
@@ -78,4 +83,30 @@ t.test('a socket that already read data is not adopted', async (t) => {
   const r = await result;
   t.equal(r.data, 'early');
   t.equal(r.adopted, false, 'left to the ordinary reads it already started');
+});
+
+t.test('NbdServer connections read into reused buffers; data written through them reads back', async (t) => {
+  const sock = tmpSocket(t);
+  const image = path.join(path.dirname(sock), 'disk.img');
+  fs.writeFileSync(image, Buffer.alloc(0));
+  fs.truncateSync(image, 16 * 1024 * 1024);
+  const device = await FileDevice.open(image);
+  const logged: string[] = [];
+  const server = new NbdServer({ exports: [{ name: 'disk', device }], log: (m) => logged.push(m) });
+  await server.listen({ socketPath: sock });
+  t.teardown(async () => {
+    await server.close();
+    await device.close();
+  });
+  const uri = `nbd+unix:///disk?socket=${sock}`;
+  const io = (cmds: string[]) => run('qemu-io', ['-f', 'raw', uri, ...cmds.flatMap((c) => ['-c', c])], { timeoutMs: 30_000 });
+  const w = await io(['write -P 0x61 0 32k', 'write -P 0x62 1M 1M', 'write -P 0x63 5000 70000']);
+  t.equal(w.code, 0, `qemu-io writes (${w.stderr.trim()})`);
+  const r = await io(['read -P 0x61 0 4096', 'read -P 0x62 1M 1M', 'read -P 0x63 5000 70000', 'read -P 0 75000 26072']);
+  t.equal(r.code, 0, 'qemu-io reads every pattern back');
+  t.notMatch(r.stdout, /Pattern verification failed/, 'no pattern mismatch');
+  t.notOk(
+    logged.some((m) => /fresh buffers/.test(m)),
+    'no connection fell back to reads into fresh buffers',
+  );
 });

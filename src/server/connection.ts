@@ -86,6 +86,8 @@ export interface ConnectionOptions {
 }
 
 const BASE_ALLOCATION_ID = 1;
+/** Said once per process: adoptWithReadHooks failed (a Node.js without its internals). */
+let warnedOrdinaryReads = false;
 /** Assembled WRITE payloads, shared by all connections (idle buffers capped at 16 MiB). */
 const writePayloads = new PayloadPool(16 * 1024 * 1024);
 /**
@@ -137,6 +139,9 @@ export class NbdConnection {
       if (adopted) {
         this.socket = adopted;
         this.parser.inputReused = true;
+      } else if (!warnedOrdinaryReads) {
+        warnedOrdinaryReads = true;
+        opts.log?.('guest sockets read into fresh buffers: this Node.js did not let nbd-cbw choose them (slower, more garbage)');
       }
     }
     this.maxInFlight = opts.maxInFlight ?? 64;
