@@ -50,9 +50,20 @@ t.test('an adopted socket reads into our buffer, sees the half-close and replies
   const reply = await new Promise<string>((resolve, reject) => {
     const c = net.createConnection({ path: sock, allowHalfOpen: true }, () => c.end('hello, adopted world'));
     const parts: Buffer[] = [];
+    // Bounded: without adoption nobody answers.
+    const timer = setTimeout(() => {
+      c.destroy();
+      resolve('(no reply in 5 s)');
+    }, 5000);
     c.on('data', (d: Buffer) => parts.push(d));
-    c.on('end', () => resolve(Buffer.concat(parts).toString()));
-    c.on('error', reject);
+    c.on('end', () => {
+      clearTimeout(timer);
+      resolve(Buffer.concat(parts).toString());
+    });
+    c.on('error', (e) => {
+      clearTimeout(timer);
+      reject(e);
+    });
   });
   t.ok(adopted, 'the socket was adopted');
   t.ok(acceptedDestroyed, 'the accepted socket object was let go');
