@@ -18,6 +18,7 @@ import path from 'node:path';
 import { loadFileOps } from '../device/native';
 import type { BackupTarget } from '../targets/types';
 import { PayloadPool } from '../util/payload-pool';
+import { settleAll } from '../util/settle';
 import { Budget, BudgetBuffers, Deferred, backoffMs, sleep } from './sync';
 
 export interface BufferedRun {
@@ -79,7 +80,9 @@ export class CowBuffer {
   readonly ram: Budget;
   /** The background sweep's runs, read and not yet on the target. */
   readonly background: Budget;
-  private readonly ramBuffers: BudgetBuffers;
+  /** Buffers for guest-saved runs (their bytes reserved in `ram` first). */
+  readonly ramBuffers: BudgetBuffers;
+  /** Buffers for the sweep's runs (their bytes acquired from `background` first). */
   readonly backgroundBuffers: BudgetBuffers;
   /**
    * Buffers that pass spilled data through: guest-saved runs on their way
@@ -334,15 +337,6 @@ export class CowBuffer {
     return () => this.ram.release(bytes);
   }
 
-  /** A buffer for `length` bytes of guest-saved data, already reserved in RAM. */
-  takeBuffer(length: number): Buffer {
-    return this.ramBuffers.take(length);
-  }
-
-  giveBuffer(b: Buffer): void {
-    this.ramBuffers.give(b);
-  }
-
   private free(run: BufferedRun): void {
     run.release?.();
     run.release = null;
@@ -382,12 +376,13 @@ export class CowBuffer {
       );
     }
     this.spillUsed += data.length;
-    // Every piece settled before the slots can be given back: a late write
-    // would land in a slot already reused.
-    const failed = (await Promise.allSettled(writes)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
-    if (failed) {
+    try {
+      // Every piece settled before the slots can be given back: a late write
+      // would land in a slot already reused.
+      await settleAll(writes);
+    } catch (e) {
       this.spillRelease(slots);
-      throw new Error(`spill file write failed: ${(failed.reason as Error).message}`);
+      throw new Error(`spill file write failed: ${(e as Error).message}`);
     }
     return slots;
   }

@@ -23,6 +23,7 @@ import type { BlockDevice } from '../device/types';
 import type { BackupTarget } from '../targets/types';
 import { ClusterBitmap } from './bitmap';
 import { CowBuffer } from './cow-buffer';
+import type { PayloadPool } from '../util/payload-pool';
 import { Budget, Deferred, RateLimiter, backoffMs, sleep } from './sync';
 
 export interface CopyEngineOptions {
@@ -80,6 +81,20 @@ export function sweepShare(
   const eighth = Math.floor(bufferBytes / 8 / clusterSize) * clusterSize;
   if (eighth >= runBytes) return { bytes: Math.max(runBytes, Math.min(inFlightBytes, eighth)), inBuffer: true };
   return { bytes: Math.max(inFlightBytes, runBytes), inBuffer: false };
+}
+
+/**
+ * store()'s releaseFor for a run read into a pooled buffer: each piece gives
+ * its bytes back with `release` as it reaches the target (or is found zero),
+ * and the buffer goes back to `pool` with the last of them.
+ */
+function piecewiseRelease(pool: PayloadPool, buf: Buffer, release: (bytes: number) => void): (bytes: number) => () => void {
+  let left = buf.length;
+  return (n) => () => {
+    release(n);
+    left -= n;
+    if (left === 0) pool.give(buf);
+  };
 }
 
 export type EngineState = 'created' | 'running' | 'paused' | 'completed' | 'failed' | 'cancelled';
@@ -430,29 +445,24 @@ export class CopyEngine extends EventEmitter {
     // RAM runs read into a pooled buffer that goes back to the pool when the
     // last piece of it reached the target; spill runs into a staging buffer,
     // back once in the spill file.
-    const pooled = where === 'ram' ? this.buffer.takeBuffer(length) : this.buffer.staging.take(length);
+    const pool = where === 'ram' ? this.buffer.ramBuffers : this.buffer.staging;
+    const pooled = pool.take(length);
     let data: Buffer;
     try {
       data = await this.source.read(offset, length, pooled);
     } catch (e) {
       this.buffer.unreserve(where, length);
-      if (where === 'ram') this.buffer.giveBuffer(pooled);
-      else this.buffer.staging.give(pooled);
+      pool.give(pooled);
       this.readFailed(task, e);
       return;
     }
     try {
       if (where === 'ram') {
-        let left = length;
-        const releaseFor = (n: number) => () => {
-          this.buffer.ram.release(n);
-          left -= n;
-          if (left === 0 && pooled) this.buffer.giveBuffer(pooled);
-        };
+        const releaseFor = piecewiseRelease(pool, pooled, (n) => this.buffer.ram.release(n));
         await this.store(task.first, data, releaseFor, null, 'ram', true);
       } else {
         await this.store(task.first, data, null, null, 'spill', true);
-        this.buffer.staging.give(pooled); // (not after a failed spill write)
+        pool.give(pooled); // (not after a failed spill write)
       }
     } catch (e) {
       this.fail(e instanceof Error ? e : new Error(String(e)));
@@ -646,13 +656,10 @@ export class CopyEngine extends EventEmitter {
       try {
         const data = await this.sweepSource.read(offset, length, into);
         this.readFailures = 0;
-        let left = length;
-        const releaseFor = (n: number) => () => {
+        const releaseFor = piecewiseRelease(this.buffer.backgroundBuffers, into, (n) => {
           this.buffer.noteBackground(-n);
           this.sweepBudget.release(n);
-          left -= n;
-          if (left === 0) this.buffer.backgroundBuffers.give(into);
-        };
+        });
         // Saved once read: the bytes are in memory on their way to the target.
         const stored = this.store(c, data, releaseFor, null);
         this.release(task, true);

@@ -1,5 +1,7 @@
 // Small async primitives the copy engine is built from.
 
+import { PayloadPool } from '../util/payload-pool';
+
 /** A promise with its resolve/reject exposed. */
 export class Deferred<T = void> {
   readonly promise: Promise<T>;
@@ -91,49 +93,12 @@ export class Budget {
  * back allocates nothing, so buffers in use plus idle never exceed the limit.
  * A buffer given back is kept even when a waiter has already taken its bytes
  * from the budget: that waiter's take() is what reuses it. (Dropping it there
- * made every guest write on a full buffer allocate afresh.)
+ * made every guest write on a full buffer allocate afresh.) take() is for
+ * bytes the caller already acquired from the budget.
  */
-export class BudgetBuffers {
-  private readonly idle = new Map<number, Buffer[]>();
-  private idleBytes = 0;
-  private closed = false;
-
-  constructor(private readonly budget: Budget) {}
-
-  /** A buffer of `length` bytes, whose bytes the caller already acquired from the budget. */
-  take(length: number): Buffer {
-    const b = this.idle.get(length)?.pop();
-    if (b) {
-      this.idleBytes -= length;
-      return b;
-    }
-    // A fresh allocation: drop idle buffers of other sizes so that in use
-    // plus idle stays within the budget.
-    for (const [size, list] of this.idle) {
-      while (list.length > 0 && this.idleBytes + this.budget.inUse > this.budget.limit) {
-        list.pop();
-        this.idleBytes -= size;
-      }
-      if (list.length === 0) this.idle.delete(size);
-      if (this.idleBytes + this.budget.inUse <= this.budget.limit) break;
-    }
-    return Buffer.allocUnsafeSlow(length);
-  }
-
-  /** Back for reuse (its bytes go back to the budget around now). */
-  give(b: Buffer): void {
-    if (this.closed || this.idleBytes + b.length > this.budget.limit) return;
-    let list = this.idle.get(b.length);
-    if (!list) this.idle.set(b.length, (list = []));
-    list.push(b);
-    this.idleBytes += b.length;
-  }
-
-  /** Drop every idle buffer and keep none from now on (the job ended). */
-  close(): void {
-    this.closed = true;
-    this.idle.clear();
-    this.idleBytes = 0;
+export class BudgetBuffers extends PayloadPool {
+  constructor(budget: Budget) {
+    super(budget.limit, () => budget.limit - budget.inUse);
   }
 }
 

@@ -13,6 +13,7 @@ import { CommandFlag, NbdError, TransmissionFlag } from '../nbd-protocol';
 import { ConnectionLostError, NbdClient, type NbdClientOptions } from '../client/client';
 import type { NbdAddress } from '../client/uri';
 import { backoffMs, sleep } from '../copy/sync';
+import { settleAll } from '../util/settle';
 import {
   DeviceError,
   type BlockDevice,
@@ -135,11 +136,8 @@ export class NbdDevice implements BlockDevice {
       const n = Math.min(this.maxRequest, length - at);
       parts.push(this.withClient((c) => c.read(offset + at, n, out.subarray(at, at + n))));
     }
-    // Every part settled before failing: a caller reusing `into` after a
-    // failure must not have a late part still filling it.
-    const settled = await Promise.allSettled(parts);
-    const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-    if (failed) throw failed.reason;
+    // A caller reusing `into` after a failure must not have a late part still filling it.
+    await settleAll(parts);
     return out;
   }
 

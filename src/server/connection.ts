@@ -602,7 +602,7 @@ export class NbdConnection {
     if (this.phase === 'closed') return written?.();
     corkForTick(this.socket);
     this.socket.write(header);
-    this.socket.write(data, written && (() => written()));
+    this.socket.write(data, written);
   }
 
   private replyOk(cookie: bigint): void {

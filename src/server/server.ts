@@ -96,7 +96,7 @@ export class NbdServer {
       handshakeTimeoutMs: this.opts.handshakeTimeoutMs,
       maxInFlight: this.opts.maxInFlight,
       tls: this.opts.tls,
-      reuseReadBuffer: !this.opts.tls && this.opts.reuseReadBuffer !== false,
+      reuseReadBuffer: this.opts.reuseReadBuffer !== false,
       observer: this.opts.observer,
       log: this.opts.log,
     });

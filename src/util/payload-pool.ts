@@ -1,17 +1,27 @@
-// Reused buffers for WRITE payloads that arrive split across socket reads
-// and so must be assembled. A guest writing 32 KiB blocks otherwise costs a
-// fresh 32 KiB ArrayBuffer per request: allocation, V8's external-memory
-// accounting, and a collection later. Buffers come back once their request
-// has finished (the device no longer holds them); the pool keeps at most
-// `maxBytes` of idle buffers and recognises only buffers it handed out.
+// Reused buffers, one idle list per length. Data that lives for a request
+// (an assembled WRITE payload, a READ reply) or for seconds (old data on its
+// way to a backup target) would otherwise be a fresh ArrayBuffer each time:
+// allocation, V8's external-memory accounting, a collection later, and
+// garbage held as RSS until then. Buffers come back once their user is done
+// with them; the pool keeps at most `maxBytes` of idle buffers and
+// recognises only buffers it handed out, so none is ever handed to two users.
+//
+// `idleRoom`, if given, is how many idle bytes may stay when a fresh buffer
+// must be allocated: idle buffers of other lengths are dropped down to it
+// first. BudgetBuffers (src/copy/sync.ts) uses it to keep buffers in use
+// plus idle within a byte budget.
 
 export class PayloadPool {
   private readonly idle = new Map<number, Buffer[]>();
   private readonly mine = new WeakSet<Buffer>();
   private readonly isIdle = new WeakSet<Buffer>();
   private idleBytes = 0;
+  private closed = false;
 
-  constructor(private readonly maxBytes: number) {}
+  constructor(
+    private readonly maxBytes: number,
+    private readonly idleRoom?: () => number,
+  ) {}
 
   take(length: number): Buffer {
     const b = this.idle.get(length)?.pop();
@@ -20,6 +30,7 @@ export class PayloadPool {
       this.isIdle.delete(b);
       return b;
     }
+    if (this.idleRoom) this.dropIdleTo(this.idleRoom());
     const fresh = Buffer.allocUnsafeSlow(length);
     this.mine.add(fresh);
     return fresh;
@@ -31,7 +42,7 @@ export class PayloadPool {
    * two users at once.
    */
   give(b: Buffer): void {
-    if (!this.mine.has(b) || this.isIdle.has(b) || this.idleBytes + b.length > this.maxBytes) return;
+    if (this.closed || !this.mine.has(b) || this.isIdle.has(b) || this.idleBytes + b.length > this.maxBytes) return;
     this.isIdle.add(b);
     let list = this.idle.get(b.length);
     if (!list) this.idle.set(b.length, (list = []));
@@ -39,7 +50,25 @@ export class PayloadPool {
     this.idleBytes += b.length;
   }
 
+  /** Drop every idle buffer and keep none from now on. */
+  close(): void {
+    this.closed = true;
+    this.idle.clear();
+    this.idleBytes = 0;
+  }
+
   get idleByteCount(): number {
     return this.idleBytes;
+  }
+
+  private dropIdleTo(room: number): void {
+    for (const [length, list] of this.idle) {
+      if (this.idleBytes <= room) return;
+      while (list.length > 0 && this.idleBytes > room) {
+        this.isIdle.delete(list.pop() as Buffer);
+        this.idleBytes -= length;
+      }
+      if (list.length === 0) this.idle.delete(length);
+    }
   }
 }
