@@ -4,16 +4,25 @@
 // already read data is left alone. Then an NbdServer on a file, driven by
 // qemu-io: its connections take the reused-buffer path (no fallback warning)
 // and 32 KiB and 1 MiB patterns written through it read back.
+// parserReadHooks' header-read limit: with a real ServerStreamParser fed the
+// way a socket reads, READ data then lands in its destination (not copied
+// out of the read buffer) and every other reply still parses; then NbdClient,
+// which sets the limit while only large READs are in flight, against
+// qemu-nbd (data, holes, mixed with small reads and block status) and
+// nbdkit's error filter (a failed large READ, then the next one on the same
+// connection).
 
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import t, { type Test } from 'tap';
-import { adoptWithReadHooks } from '../src/util/socket-reads';
+import { adoptWithReadHooks, parserReadHooks } from '../src/util/socket-reads';
 import { FileDevice } from '../src/device/file';
 import { NbdServer } from '../src/server/server';
-import { run } from './helpers/peers';
+import { NbdClient } from '../src/client/client';
+import { ServerStreamParser, type ServerMessage } from '../src/nbd-protocol';
+import { fillRandom, run, startNbdkit, startQemuNbd, tmpPath } from './helpers/peers';
 
 function tmpSocket(t: Test): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-cbw-adopt-'));
@@ -120,4 +129,216 @@ t.test('NbdServer connections read into reused buffers; data written through the
     logged.some((m) => /fresh buffers/.test(m)),
     'no connection fell back to reads into fresh buffers',
   );
+});
+
+// ------------------------------------------------- header-read limit
+
+const REPLY_MAGIC = 0x668e33ef;
+/** A structured reply chunk, built byte by byte (not by the serializer). */
+function chunk(cookie: bigint, type: number, flags: number, payload: Buffer): Buffer {
+  const h = Buffer.alloc(20);
+  h.writeUInt32BE(REPLY_MAGIC, 0);
+  h.writeUInt16BE(flags, 4);
+  h.writeUInt16BE(type, 6);
+  h.writeBigUInt64BE(cookie, 8);
+  h.writeUInt32BE(payload.length, 16);
+  return Buffer.concat([h, payload]);
+}
+function u64(n: number): Buffer {
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64BE(BigInt(n));
+  return b;
+}
+const DONE = 1;
+
+interface FedResult {
+  messages: ServerMessage[];
+  /** Bytes the socket wrote straight into READ destinations. */
+  direct: number;
+  /** Reads that did not go straight into a destination, and their largest size. */
+  otherReads: number;
+  largestOther: number;
+}
+
+/**
+ * Feed `stream` through parserReadHooks the way libuv does: each read asks
+ * buffer(), gets at most `socketHolds` bytes (what a unix socket buffers),
+ * and reports them with callback().
+ */
+function feedThroughHooks(
+  stream: Buffer,
+  requests: Map<bigint, Buffer>,
+  offsetOf: (cookie: bigint) => number,
+  limit: (() => number | null) | undefined,
+  socketHolds = 200 * 1024,
+): FedResult {
+  const parser = new ServerStreamParser({
+    readLengthOf: (c) => requests.get(c)?.length ?? 0,
+    readInto: (c, offset, length) => {
+      const d = requests.get(c);
+      if (!d || offset === null) return d ?? null;
+      return d.subarray(offset - offsetOf(c), offset - offsetOf(c) + length);
+    },
+  });
+  parser.phase = 'transmission';
+  const messages: ServerMessage[] = [];
+  const hooks = parserReadHooks(parser, (m: ServerMessage) => messages.push(m), limit);
+  const r: FedResult = { messages, direct: 0, otherReads: 0, largestOther: 0 };
+  for (let at = 0; at < stream.length; ) {
+    const buf = hooks.buffer();
+    const n = Math.min(buf.length, socketHolds, stream.length - at);
+    stream.copy(buf, 0, at, at + n);
+    const intoDest = [...requests.values()].some((d) => d.buffer === buf.buffer && buf.byteOffset >= d.byteOffset && buf.byteOffset < d.byteOffset + d.length);
+    if (intoDest) r.direct += n;
+    else {
+      r.otherReads++;
+      r.largestOther = Math.max(r.largestOther, n);
+    }
+    hooks.callback(n, buf);
+    at += n;
+  }
+  return r;
+}
+
+t.test('header-read limit: READ data goes straight to its destination, other replies still parse', async (t) => {
+  const size = 256 * 1024;
+  const base = 1 << 30;
+  const data = [1, 2, 3, 4].map((i) => fillRandom(Buffer.alloc(size), i));
+  // Four large READs answered in one data chunk each, out of order.
+  const large = Buffer.concat([2, 0, 3, 1].map((i) => chunk(BigInt(i + 1), 1, DONE, Buffer.concat([u64(base + i * size), data[i]]))));
+  // Then a READ answered as a hole and data, a failed READ, a NONE reply.
+  const hole = Buffer.alloc(12);
+  hole.writeBigUInt64BE(BigInt(base), 0);
+  hole.writeUInt32BE(64 * 1024, 8);
+  const err = Buffer.alloc(6 + 4);
+  err.writeUInt32BE(5, 0); // EIO
+  err.writeUInt16BE(4, 4);
+  err.write('oops', 6);
+  const stream = Buffer.concat([
+    large,
+    chunk(5n, 2, 0, hole),
+    chunk(5n, 1, DONE, Buffer.concat([u64(base + 64 * 1024), data[0].subarray(0, 64 * 1024)])),
+    chunk(6n, 32769, DONE, err),
+    chunk(7n, 0, DONE, Buffer.alloc(0)),
+  ]);
+  const requests = () =>
+    new Map<bigint, Buffer>([
+      [1n, Buffer.alloc(size)],
+      [2n, Buffer.alloc(size)],
+      [3n, Buffer.alloc(size)],
+      [4n, Buffer.alloc(size)],
+      [5n, Buffer.alloc(128 * 1024)],
+      [6n, Buffer.alloc(size)],
+      [7n, Buffer.alloc(0)],
+    ]);
+  const summary = (r: FedResult) =>
+    r.messages.map((m) => (m.type === 'structuredChunk' ? `${m.type}:${m.cookie}:${m.chunkType}` : `${m.type}:${'cookie' in m ? m.cookie : ''}`));
+  const expected = [
+    'offsetDataDelivered:3',
+    'offsetDataDelivered:1',
+    'offsetDataDelivered:4',
+    'offsetDataDelivered:2',
+    'structuredChunk:5:2',
+    'offsetDataDelivered:5',
+    'structuredChunk:6:32769',
+    'structuredChunk:7:0',
+  ];
+
+  // READ n (1-4) starts at base + (n - 1) * size; 5 at base.
+  const offsetOf = (c: bigint) => (c <= 4n ? base + Number(c - 1n) * size : base);
+  // The large READs alone: with the limit, reads outside their data take
+  // only a header, and every data byte goes straight into place.
+  const reqLarge = requests();
+  const limitedLarge = feedThroughHooks(large, reqLarge, offsetOf, () => 28);
+  t.strictSame(summary(limitedLarge), expected.slice(0, 4), 'limited, large READs: parsed in order');
+  for (let i = 0; i < 4; i++) t.ok(reqLarge.get(BigInt(i + 1))?.equals(data[i]), `limited: READ ${i + 1} data in place`);
+  t.equal(limitedLarge.largestOther, 28, 'limited: reads outside a payload take at most a header');
+  t.equal(limitedLarge.otherReads, 4, 'limited: one header read per reply');
+  t.equal(limitedLarge.direct, 4 * size, 'limited: every data byte read straight into its destination');
+  const reqPlain = requests();
+  const plain = feedThroughHooks(large, reqPlain, offsetOf, undefined);
+  t.strictSame(summary(plain), expected.slice(0, 4), 'unlimited: the same replies');
+  for (let i = 0; i < 4; i++) t.ok(reqPlain.get(BigInt(i + 1))?.equals(data[i]), `unlimited: READ ${i + 1} data in place`);
+  t.ok(plain.direct < 2 * size, `unlimited: most data went through the read buffer (${plain.direct} of ${4 * size} bytes direct)`);
+
+  // The whole stream, the limit asked all along: holes, errors and NONE
+  // replies still parse (they just take more reads).
+  const reqLimited = requests();
+  const limited = feedThroughHooks(stream, reqLimited, offsetOf, () => 28);
+  t.strictSame(summary(limited), expected, 'limited: every reply parsed, in order');
+  for (let i = 0; i < 4; i++) t.ok(reqLimited.get(BigInt(i + 1))?.equals(data[i]), `limited, whole stream: READ ${i + 1} data in place`);
+  t.ok(reqLimited.get(5n)?.subarray(64 * 1024).equals(data[0].subarray(0, 64 * 1024)), 'limited: data after the hole in place');
+
+  // The limit may be asked mid-header too (a read returned part of one):
+  // every split of the stream still parses the same.
+  const reqSplit = requests();
+  const split = feedThroughHooks(stream, reqSplit, offsetOf, () => 28, 7);
+  t.strictSame(summary(split), expected, '7-byte socket reads: the same replies');
+  for (let i = 0; i < 4; i++) t.ok(reqSplit.get(BigInt(i + 1))?.equals(data[i]), `7-byte socket reads: READ ${i + 1} data in place`);
+});
+
+t.test('NbdClient with only large READs in flight: qemu-nbd data and holes, mixed requests', async (t) => {
+  const MiB = 1024 * 1024;
+  const image = tmpPath(t, 'header-limit', '.img');
+  const content = Buffer.alloc(24 * MiB);
+  // Data with holes between: qemu-nbd answers READs over them with hole chunks.
+  for (let at = 0; at < content.length; at += 3 * MiB) fillRandom(content.subarray(at, at + 2 * MiB), at);
+  const fd = fs.openSync(image, 'w');
+  for (let at = 0; at < content.length; at += 3 * MiB) fs.writeSync(fd, content, at, 2 * MiB, at);
+  fs.ftruncateSync(fd, content.length);
+  fs.closeSync(fd);
+  const q = await startQemuNbd(t, image, { readOnly: true });
+  const client = await NbdClient.connect({ socketPath: q.socket, exportName: 'disk' }, { connectTimeoutMs: 5000 });
+  t.teardown(() => client.close());
+  t.ok(client.structured, 'structured replies negotiated');
+
+  // Only large READs in flight: 24 MiB in 256 KiB, 1 MiB and 4 MiB pieces at once.
+  for (const piece of [256 * 1024, MiB, 4 * MiB]) {
+    const out = Buffer.alloc(content.length, 0xee);
+    await Promise.all(
+      Array.from({ length: content.length / piece }, (_, i) => client.read(i * piece, piece, out.subarray(i * piece, (i + 1) * piece))),
+    );
+    t.ok(out.equals(content), `${piece / 1024} KiB READs all in flight: the image, holes as zeros`);
+  }
+  // Mixed: small READs and block status among large ones (the limit comes and goes).
+  const out = Buffer.alloc(content.length, 0xee);
+  const ops: Promise<unknown>[] = [];
+  const smalls: Array<{ at: number; got: Promise<Buffer> }> = [];
+  for (let i = 0; i < content.length / MiB; i++) {
+    ops.push(client.read(i * MiB, MiB, out.subarray(i * MiB, (i + 1) * MiB)));
+    if (i % 3 === 0) {
+      const at = i * MiB + 4096 * i;
+      smalls.push({ at, got: client.read(at, 512) });
+    }
+    if (i % 5 === 0) ops.push(client.blockStatus(i * MiB, MiB));
+  }
+  await Promise.all(ops);
+  t.ok(out.equals(content), 'mixed: large READs right');
+  for (const s of smalls) t.ok((await s.got).equals(content.subarray(s.at, s.at + 512)), `mixed: 512-byte READ at ${s.at} right`);
+});
+
+t.test('NbdClient with only large READs in flight: a failed READ, then the next on the same connection', async (t) => {
+  const MiB = 1024 * 1024;
+  const trigger = tmpPath(t, 'pread-fails', '');
+  const kit = await startNbdkit(t, ['--filter=error', 'pattern', 'size=16M', 'error-pread=EIO', 'error-pread-rate=100%', `error-pread-file=${trigger}`]);
+  const client = await NbdClient.connect({ socketPath: kit.socket, exportName: '' }, { connectTimeoutMs: 5000 });
+  t.teardown(() => client.close());
+  // nbdkit's pattern plugin: every 8 bytes hold their own offset, big-endian.
+  const expect = (at: number, n: number) => {
+    const b = Buffer.alloc(n);
+    for (let i = 0; i < n; i += 8) b.writeBigUInt64BE(BigInt(at + i), i);
+    return b;
+  };
+  fs.writeFileSync(trigger, '');
+  const failed = await Promise.allSettled([client.read(0, MiB), client.read(MiB, MiB), client.read(2 * MiB, 4 * MiB)]);
+  t.strictSame(
+    failed.map((r) => r.status),
+    ['rejected', 'rejected', 'rejected'],
+    'READs fail while the error filter is armed',
+  );
+  t.match(String((failed[0] as PromiseRejectedResult).reason), /EIO|Input\/output/, 'with EIO');
+  fs.rmSync(trigger);
+  const [a, b] = await Promise.all([client.read(0, MiB), client.read(3 * MiB, 4 * MiB)]);
+  t.ok(a.equals(expect(0, MiB)), 'the connection is still in step: 1 MiB READ right');
+  t.ok(b.equals(expect(3 * MiB, 4 * MiB)), '4 MiB READ right');
 });

@@ -26,6 +26,7 @@ import {
   ReplyFlag,
   ReplyType,
   ServerStreamParser,
+  WireSize,
   build,
   decodeBlockStatus,
   decodeErrorChunk,
@@ -40,7 +41,7 @@ import {
   type ServerMessage,
 } from '../nbd-protocol';
 import { corkForTick } from '../util/cork';
-import { parserReadHooks } from '../util/socket-reads';
+import { DIRECT_READ_MIN, parserReadHooks } from '../util/socket-reads';
 import { DeviceError } from '../device/types';
 import type { NbdAddress } from './uri';
 import { clientTlsFor, formatNbdUri } from './uri';
@@ -90,6 +91,8 @@ export class NbdClient extends EventEmitter {
   private socket: net.Socket;
   private readonly parser: ServerStreamParser;
   private readonly pending = new Map<bigint, Pending>();
+  /** Pending READs whose data can go straight to its destination (see headerReadLimit). */
+  private largeReadsPending = 0;
   private nextCookie = 1n;
   private inFlight = 0;
   private readonly slotWaiters: Array<() => void> = [];
@@ -121,7 +124,7 @@ export class NbdClient extends EventEmitter {
     // external memory, which drives its full collections. Nothing may keep a
     // view into the reused buffer past the callback (see onMessage). TLS
     // needs ordinary reads.
-    const onread = opts.tls ? undefined : parserReadHooks(this.parser, this.onMessage);
+    const onread = opts.tls ? undefined : parserReadHooks(this.parser, this.onMessage, this.headerReadLimit);
     this.socket = addr.socketPath
       ? net.createConnection({ path: addr.socketPath, onread })
       : net.createConnection({ host: addr.host, port: addr.port ?? 10809, onread });
@@ -145,6 +148,23 @@ export class NbdClient extends EventEmitter {
     p.data ??= whole ? Buffer.allocUnsafe(p.length) : Buffer.alloc(p.length);
     return whole ? p.data : p.data.subarray(at, at + length);
   };
+  /**
+   * When every request in flight is a large READ, the next thing the server
+   * sends is the header of a reply whose data readDestination places: read
+   * only that header, so the data is read straight into place instead of
+   * being read into the socket buffer and copied (see parserReadHooks).
+   */
+  private readonly headerReadLimit = (): number | null => {
+    if (!this.ready || this.largeReadsPending === 0 || this.largeReadsPending !== this.pending.size) return null;
+    return this.structured ? WireSize.StructuredReplyHeader + 8 : WireSize.SimpleReplyHeader;
+  };
+  private static isLargeRead(p: Pending): boolean {
+    return p.command === Command.Read && p.length >= DIRECT_READ_MIN;
+  }
+  private forget(cookie: bigint, p: Pending): void {
+    this.pending.delete(cookie);
+    if (NbdClient.isLargeRead(p)) this.largeReadsPending--;
+  }
   private readonly onError = (err: Error) => this.fail(err);
   private readonly onClose = () => this.fail(new Error('connection closed by server'));
 
@@ -333,6 +353,7 @@ export class NbdClient extends EventEmitter {
     const e = new ConnectionLostError(`${this.uri}: ${err.message}`);
     for (const p of this.pending.values()) p.reject(e);
     this.pending.clear();
+    this.largeReadsPending = 0;
     for (const s of this.slotWaiters.splice(0)) s();
     this.emit('close', err);
   }
@@ -368,16 +389,9 @@ export class NbdClient extends EventEmitter {
     this.inFlight++;
     try {
       return await new Promise<Buffer | Extent[] | null>((resolve, reject) => {
-        this.pending.set(cookie, {
-          command,
-          offset,
-          length,
-          resolve,
-          reject,
-          data: into,
-          extents: null,
-          error: null,
-        });
+        const p: Pending = { command, offset, length, resolve, reject, data: into, extents: null, error: null };
+        this.pending.set(cookie, p);
+        if (NbdClient.isLargeRead(p)) this.largeReadsPending++;
         const header = build.requestHeader(flags, command, cookie, offset, length);
         corkForTick(this.socket);
         this.socket.write(header);
@@ -395,7 +409,7 @@ export class NbdClient extends EventEmitter {
   private onSimpleReply(cookie: bigint, error: number, data: Buffer | null): void {
     const p = this.pending.get(cookie);
     if (!p) return this.protocolViolation(`reply to unknown cookie ${cookie}`);
-    this.pending.delete(cookie);
+    this.forget(cookie, p);
     if (error !== 0) return p.reject(new DeviceError(error, `${this.uri}: ${errorName(error)}`));
     if (p.command === Command.Read) {
       if (p.data && data && data !== p.data) data.copy(p.data, 0, 0, p.length);
@@ -453,7 +467,7 @@ export class NbdClient extends EventEmitter {
 
   private chunkDone(cookie: bigint, p: Pending, flags: number): void {
     if ((flags & ReplyFlag.Done) === 0) return;
-    this.pending.delete(cookie);
+    this.forget(cookie, p);
     if (p.error) return p.reject(p.error);
     if (p.command === Command.Read) {
       if (!p.data) this.ownedReadBuffer(p); // zero-length, or answered only with NONE

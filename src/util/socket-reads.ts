@@ -33,14 +33,29 @@ export interface ReadableParser<M> {
 /** Size of a connection's reused read buffer. */
 const SOCKET_READ_BUFFER = 256 * 1024;
 /** Smallest rest of a payload worth a read straight into its destination. */
-const DIRECT_READ_MIN = 16 * 1024;
+export const DIRECT_READ_MIN = 16 * 1024;
 
 /**
  * onread hooks feeding `parser`. The parser must not keep views of its
  * input past a push (it copies its carry; see inputReused / readInto).
+ *
+ * `headerReadLimit`, when given, is asked before each read that does not go
+ * straight into a payload: a number means "the next message is a header
+ * whose payload can go straight to its destination, read no more than
+ * this". Without it, a read into the reused buffer takes the header and as
+ * much payload as the socket holds (a few hundred KiB on a unix socket),
+ * and all of that is then copied out: for a stream of 256 KiB READ
+ * replies, most of the data. With it, the header comes alone and the
+ * payload goes straight in. Any other message after it just takes more
+ * reads; the parser accepts any split.
  */
-export function parserReadHooks<M>(parser: ReadableParser<M>, emit: (msg: M) => void): ReadHooks {
+export function parserReadHooks<M>(
+  parser: ReadableParser<M>,
+  emit: (msg: M) => void,
+  headerReadLimit?: () => number | null,
+): ReadHooks {
   let readBuffer: Buffer | null = null;
+  let headerView: Buffer | null = null;
   /** The payload view handed out for the next read, if any. */
   let directRead: Buffer | null = null;
   return {
@@ -49,7 +64,12 @@ export function parserReadHooks<M>(parser: ReadableParser<M>, emit: (msg: M) => 
       // Short remainders are left to the reused buffer, which takes them
       // together with the messages after them in one read.
       directRead = into !== null && into.length >= DIRECT_READ_MIN ? into : null;
-      return directRead ?? (readBuffer ??= Buffer.allocUnsafeSlow(SOCKET_READ_BUFFER));
+      if (directRead) return directRead;
+      readBuffer ??= Buffer.allocUnsafeSlow(SOCKET_READ_BUFFER);
+      const limit = into === null ? (headerReadLimit?.() ?? null) : null;
+      if (limit === null || limit >= SOCKET_READ_BUFFER) return readBuffer;
+      if (headerView?.length !== limit) headerView = readBuffer.subarray(0, limit);
+      return headerView;
     },
     callback: (n, buf) => {
       if (buf === directRead) {
