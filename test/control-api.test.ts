@@ -8,6 +8,10 @@
 // - bad requests get a clear 4xx with a JSON {"error": ...}: bad sizes,
 //   unknown job, bad target URI, non-JSON body, oversized body, unknown
 //   route, wrong method; a second job while one runs gets 409.
+// - GET /v1/jobs/:id?wait=MS: on a paused job it answers after MS with the
+//   job still paused; held while the job runs, it answers as soon as the job
+//   is cancelled (well before its 20 s wait); bad values get 400; `backup
+//   wait` with a long --interval returns as soon as the job completes.
 
 import t, { type Test } from 'tap';
 import * as fs from 'node:fs';
@@ -197,4 +201,40 @@ t.test('bad requests get clear 4xx errors', async (t) => {
   t.equal(again.status, 201, 'once it ended, a new job can start', { body: again.text });
   const done = await waitJobEnd(ctl, again.json.id as string, 30_000);
   t.equal(done.state, 'completed', 'and completes');
+});
+
+t.test('GET /v1/jobs/:id?wait=MS answers when the job ends or MS pass', async (t) => {
+  const { cbw } = await server(t);
+  const ctlPath = controlSocketOf(cbw.socket);
+  const ctl: HttpTarget = { socketPath: ctlPath };
+  // Slow enough to still be running while we look: 16 MiB at 1 MiB/s.
+  const started = await httpRequest(ctl, 'POST', '/v1/jobs', { body: { target: `file:${tmpPath(t, 'w', '.raw')}`, speed: MiB } });
+  t.equal(started.status, 201, 'job started');
+  const id = String(started.json?.id);
+  t.equal((await httpRequest(ctl, 'POST', `/v1/jobs/${id}/pause`)).status, 200, 'paused');
+  const timedOut = await httpRequest(ctl, 'GET', `/v1/jobs/${id}?wait=300`);
+  t.equal(timedOut.status, 200);
+  t.equal(timedOut.json?.state, 'paused', 'wait=300 on a paused job: answered after its wait, still paused');
+  for (const bad of ['-1', 'abc', '1.5', '20001']) {
+    clientError(t, await httpRequest(ctl, 'GET', `/v1/jobs/${id}?wait=${bad}`), 400, /wait/, `wait=${bad}`);
+  }
+  t.equal((await httpRequest(ctl, 'POST', `/v1/jobs/${id}/resume`)).status, 200, 'resumed');
+
+  // Held for up to 20 s; the cancel must end it at once. The 10 s bound only
+  // tells "answered by the end" from "answered by its own 20 s wait".
+  const held = httpRequest(ctl, 'GET', `/v1/jobs/${id}?wait=20000`, { timeoutMs: 30_000 });
+  await new Promise((r) => setTimeout(r, 200));
+  t.equal((await httpRequest(ctl, 'POST', `/v1/jobs/${id}/cancel`)).status, 200, 'cancelled');
+  const answer = await Promise.race([held, new Promise<null>((r) => setTimeout(() => r(null), 10_000).unref())]);
+  t.ok(answer, 'the held request answered when the job ended, not after its 20 s');
+  t.equal(answer?.json?.state, 'cancelled', 'and says cancelled');
+
+  // backup wait --interval 20000 on a job that completes quickly.
+  const second = await httpRequest(ctl, 'POST', '/v1/jobs', { body: { target: `file:${tmpPath(t, 'w2', '.raw')}`, speed: 8 * MiB } });
+  t.equal(second.status, 201, 'second job started');
+  const w = await run(process.execPath, [NBD_CBW_BIN, 'backup', 'wait', '--json', '--interval', '20000', '--control', ctlPath], { timeoutMs: 15_000 });
+  t.equal(w.code, 0, `backup wait exits 0 once the job completed (${w.stderr.trim()})`);
+  const lines = w.stdout.trim().split('\n').map((l) => JSON.parse(l) as { state: string });
+  t.equal(lines[lines.length - 1].state, 'completed', 'its last line says completed');
+  t.ok(lines.length <= 3, `a line at the start and one at the end, not one per poll (${lines.length})`);
 });

@@ -4,7 +4,7 @@
 import fs from 'node:fs';
 import type { Command } from 'commander';
 import cliProgress from 'cli-progress';
-import { controlRequest, parseControlAddress, type ControlAddress } from '../control/server';
+import { MAX_WAIT_MS, controlRequest, parseControlAddress, type ControlAddress } from '../control/server';
 import type { JobStatus } from '../jobs/job';
 import { addBackupOptions, toBackupRequest, type BackupCliOptions } from './backup-options';
 import { die, errorMessage } from './log';
@@ -137,7 +137,7 @@ export function registerBackup(program: Command): void {
     .command('wait [JOB]')
     .description('wait for a job to end, with a progress bar on a terminal; exits 0 only if it completed')
     .option('--json', 'print a JSON line per second instead of a progress bar')
-    .option('--interval <MS>', 'polling interval in milliseconds', '1000');
+    .option('--interval <MS>', 'progress update interval in milliseconds (the end is reported at once)', '1000');
   addControlOptions(wait);
   wait.action(async (job: string | undefined, o: ControlCliOptions & { interval: string }) => {
     const first = await call(o, 'GET', jobPath(job));
@@ -165,8 +165,9 @@ export function registerBackup(program: Command): void {
         buffer: formatSize(s.bufferBytes),
       });
       if (TERMINAL.has(s.state)) break;
-      await new Promise((r) => setTimeout(r, interval));
-      s = await call(o, 'GET', jobPath(id));
+      // The server holds the request until the job ends or `interval`
+      // passes: the end is seen at once, progress every interval.
+      s = await call(o, 'GET', `${jobPath(id)}?wait=${Math.min(interval, MAX_WAIT_MS)}`);
     }
     bar?.stop();
     if (!o.json) console.error(describeStatus(s));

@@ -2,7 +2,10 @@
 // on TCP with a bearer token. Routes:
 //   GET  /v1/jobs                     all jobs of the export, oldest first
 //   POST /v1/jobs                     start a backup: BackupRequest as JSON
-//   GET  /v1/jobs/:id                 one job (:id may be "current"/"latest")
+//   GET  /v1/jobs/:id                 one job (:id may be "current"/"latest");
+//        ?wait=MS answers once the job has ended or after MS ms (at most
+//        20000, inside clients' 30 s timeout), so a waiting client learns of
+//        the end at once, not a poll late
 //   POST /v1/jobs/:id/pause|resume|cancel
 //   POST /v1/jobs/:id/speed           {"bytesPerSecond": N}, 0 = unlimited
 //   GET  /v1/export                   name and size of the export
@@ -12,7 +15,7 @@ import fs from 'node:fs';
 import http from 'node:http';
 import crypto from 'node:crypto';
 import type { AddressInfo } from 'node:net';
-import { JobManager, RequestError, type BackupRequest } from '../jobs/job';
+import { JobManager, RequestError, type BackupJob, type BackupRequest } from '../jobs/job';
 
 export interface ControlAddress {
   socketPath?: string;
@@ -142,6 +145,14 @@ export class ControlServer {
     if (!job) return sendJson(res, 404, { error: `no job "${parts[2]}"` });
     if (parts.length === 3) {
       if (method !== 'GET') return sendJson(res, 405, { error: `${method} not allowed here` });
+      const wait = url.searchParams.get('wait');
+      if (wait !== null) {
+        const ms = Number(wait);
+        if (!/^\d+$/.test(wait) || ms > MAX_WAIT_MS) {
+          return sendJson(res, 400, { error: `"wait" must be a whole number of milliseconds up to ${MAX_WAIT_MS}` });
+        }
+        if (!job.finishedAt && ms > 0) await untilEndOr(job, ms, req);
+      }
       return sendJson(res, 200, job.status());
     }
     const actions = new Set(['pause', 'resume', 'cancel', 'speed']);
@@ -176,6 +187,23 @@ export class ControlServer {
     }
     return sendJson(res, 404, { error: `no route ${method} ${url.pathname}` });
   }
+}
+
+export const MAX_WAIT_MS = 20_000;
+
+/** Resolves when `job` ends, `ms` pass, or the client goes away. */
+function untilEndOr(job: BackupJob, ms: number, req: http.IncomingMessage): Promise<void> {
+  return new Promise<void>((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      job.off('end', done);
+      req.socket.off('close', done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    job.once('end', done);
+    req.socket.once('close', done);
+  });
 }
 
 function sendJson(res: http.ServerResponse, status: number, body: unknown): void {
