@@ -4,7 +4,7 @@
 import fs from 'node:fs';
 import type { Command } from 'commander';
 import cliProgress from 'cli-progress';
-import { MAX_WAIT_MS, controlRequest, parseControlAddress, type ControlAddress } from '../control/server';
+import { MAX_WAIT_MS, controlRequest, parseControlAddress, type ControlAddress } from '../control/client';
 import type { JobStatus } from '../jobs/job';
 import { addBackupOptions, toBackupRequest, type BackupCliOptions } from './backup-options';
 import { die, errorMessage } from './log';

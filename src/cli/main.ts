@@ -27,6 +27,13 @@ export function buildProgram(): Command {
 }
 
 export function main(argv: string[]): void {
+  // `nbd-cbw ... | head`: a reader that went away ends the output, quietly.
+  for (const out of [process.stdout, process.stderr]) {
+    out.on('error', (e: NodeJS.ErrnoException) => {
+      if (e.code === 'EPIPE') process.exit(0);
+      throw e;
+    });
+  }
   const program = buildProgram();
   program.parseAsync(argv, { from: 'user' }).catch((e: unknown) => {
     if (e instanceof CommanderError) process.exit(e.exitCode);

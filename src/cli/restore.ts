@@ -8,15 +8,19 @@
 
 import type { Command } from 'commander';
 import cliProgress from 'cli-progress';
-import { openStore, type ObjectStore, type S3Settings } from '../store/object-store';
-import { chunkLength, fetchChunk, findManifest, listBackupIds, readManifest, type Manifest } from '../store/layout';
-import { BackupDevice } from '../store/backup-device';
-import { openTarget } from '../targets/open';
+import type { ObjectStore, S3Settings } from '../store/object-store';
+import type { Manifest } from '../store/layout';
 import { addS3Options } from './backup-options';
-import { addListenOptions, runServer, type ListenOptions } from './serve';
+import { addListenOptions, type ListenOptions } from './serve';
 import { backgroundSelf } from './daemon';
 import { die, errorMessage, info } from './log';
 import { formatSize } from './sizes';
+
+/** The store code, loaded when a command runs rather than at every CLI start. */
+async function storeCode() {
+  const [objectStore, layout] = await Promise.all([import('../store/object-store'), import('../store/layout')]);
+  return { ...objectStore, ...layout };
+}
 
 interface StoreCliOptions {
   id?: string;
@@ -32,6 +36,7 @@ function s3Settings(o: StoreCliOptions): S3Settings {
 }
 
 async function openBackup(location: string, o: StoreCliOptions): Promise<{ store: ObjectStore; manifest: Manifest }> {
+  const { openStore, findManifest } = await storeCode();
   try {
     const store = await openStore(location, s3Settings(o));
     try {
@@ -88,6 +93,8 @@ export function registerRestore(program: Command): void {
   addStoreOptions(restore);
   restore.action(async (location: string, o: StoreCliOptions & { to: string }) => {
     const { store, manifest } = await openBackup(location, o);
+    const { chunkLength, fetchChunk } = await storeCode();
+    const { openTarget } = await import('../targets/open');
     const started = Date.now();
     try {
       const target = await openTarget(o.to, { size: manifest.diskSize });
@@ -128,6 +135,7 @@ export function registerRestore(program: Command): void {
   addStoreOptions(verify);
   verify.action(async (location: string, o: StoreCliOptions) => {
     const { store, manifest } = await openBackup(location, o);
+    const { chunkLength, fetchChunk } = await storeCode();
     const firstIndex = new Map<string, number>();
     manifest.chunks.forEach((d, i) => {
       if (d && !firstIndex.has(d)) firstIndex.set(d, i);
@@ -172,6 +180,7 @@ export function registerRestore(program: Command): void {
     .option('--json', 'one JSON object per backup');
   addStoreOptions(list, false);
   list.action(async (location: string, o: StoreCliOptions) => {
+    const { openStore, listBackupIds, readManifest } = await storeCode();
     let store: ObjectStore;
     try {
       store = await openStore(location, s3Settings(o));
@@ -209,6 +218,7 @@ export function registerRestore(program: Command): void {
     if (o.unix === '-' && o.run === undefined) die('-U - (a private socket) only makes sense with --run');
     if (!o.foreground && o.run === undefined) await backgroundSelf();
     const { store, manifest } = await openBackup(location, o);
+    const [{ BackupDevice }, { runServer }] = await Promise.all([import('../store/backup-device'), import('./serve-run')]);
     const device = new BackupDevice(store, manifest);
     await runServer(o, { name: o.exportName, description: device.description, device });
   });

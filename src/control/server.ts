@@ -15,29 +15,8 @@ import fs from 'node:fs';
 import http from 'node:http';
 import crypto from 'node:crypto';
 import type { AddressInfo } from 'node:net';
+import { MAX_WAIT_MS, type ControlAddress } from './client';
 import { JobManager, RequestError, type BackupJob, type BackupRequest } from '../jobs/job';
-
-export interface ControlAddress {
-  socketPath?: string;
-  host?: string;
-  port?: number;
-}
-
-/** ADDR is a unix socket path (unix:PATH or anything with a '/'), or HOST:PORT. */
-export function parseControlAddress(text: string): ControlAddress {
-  if (text.startsWith('unix:')) return { socketPath: text.slice(5) };
-  if (text.includes('/')) return { socketPath: text };
-  const m = /^(?:tcp:)?(\[[^\]]+\]|[^:]+):(\d+)$/.exec(text);
-  if (!m) throw new Error(`bad control address "${text}": use a socket path, unix:PATH, or HOST:PORT`);
-  const port = Number(m[2]);
-  if (port > 65535) throw new Error(`bad control address "${text}": port out of range`);
-  return { host: m[1].replace(/^\[|\]$/g, ''), port };
-}
-
-export function formatControlAddress(a: ControlAddress): string {
-  if (a.socketPath) return `unix:${a.socketPath}`;
-  return `${a.host?.includes(':') ? `[${a.host}]` : a.host}:${a.port}`;
-}
 
 export interface ControlServerOptions {
   exportName: string;
@@ -189,8 +168,6 @@ export class ControlServer {
   }
 }
 
-export const MAX_WAIT_MS = 20_000;
-
 /** Resolves when `job` ends, `ms` pass, or the client goes away. */
 function untilEndOr(job: BackupJob, ms: number, req: http.IncomingMessage): Promise<void> {
   return new Promise<void>((resolve) => {
@@ -229,53 +206,4 @@ async function readJson(req: http.IncomingMessage): Promise<unknown> {
   } catch {
     throw new RequestError(400, 'request body is not a JSON object');
   }
-}
-
-/** A client for the control API, used by `nbd-cbw backup ...`. */
-export async function controlRequest(
-  addr: ControlAddress,
-  method: string,
-  path: string,
-  body?: unknown,
-  token?: string,
-): Promise<{ status: number; body: unknown }> {
-  return new Promise((resolve, reject) => {
-    const payload = body === undefined ? undefined : JSON.stringify(body);
-    const req = http.request(
-      {
-        socketPath: addr.socketPath,
-        host: addr.host,
-        port: addr.port,
-        method,
-        path,
-        headers: {
-          ...(payload && { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) }),
-          ...(token && { authorization: `Bearer ${token}` }),
-        },
-        timeout: 30_000,
-      },
-      (res) => {
-        const chunks: Buffer[] = [];
-        res.on('data', (c: Buffer) => chunks.push(c));
-        res.on('end', () => {
-          const text = Buffer.concat(chunks).toString('utf8');
-          let parsed: unknown = text;
-          try {
-            parsed = JSON.parse(text);
-          } catch {
-            // not JSON: keep the text
-          }
-          resolve({ status: res.statusCode ?? 0, body: parsed });
-        });
-      },
-    );
-    req.on('timeout', () => req.destroy(new Error('control request timed out')));
-    req.on('error', (e: NodeJS.ErrnoException) => {
-      const where = formatControlAddress(addr);
-      if (e.code === 'ENOENT' || e.code === 'ECONNREFUSED') reject(new Error(`no nbd-cbw control API at ${where} (${e.code})`));
-      else reject(new Error(`control API at ${where}: ${e.message}`));
-    });
-    if (payload) req.write(payload);
-    req.end();
-  });
 }

@@ -8,7 +8,7 @@
 // every run has a hard timeout.
 
 import * as fs from 'node:fs';
-import { controlRequest } from '../../src/control/server';
+import { controlRequest } from '../../src/control/client';
 import type { Test } from 'tap';
 import {
   KiB,
