@@ -174,6 +174,9 @@ function parsePort(text: string): number {
   return n;
 }
 
+/** How long shutting down waits for a cancelled backup's target to close. */
+const TARGET_CLOSE_GRACE_MS = 5000;
+
 /** The serve command's action. */
 export async function serve(opts: ServeOptions): Promise<void> {
   let request: BackupRequest | null = null;
@@ -245,6 +248,11 @@ export async function serve(opts: ServeOptions): Promise<void> {
     },
     cleanup: async () => {
       jobs.current?.engine.cancel();
+      // Let the target of a job that just ended (cancelled now or a moment
+      // ago) answer what is in flight and see a clean disconnect (nbdkit
+      // 1.32 can abort on a reply to a connection cut mid-request).
+      const engine = jobs.latest?.engine;
+      if (engine) await Promise.race([engine.targetClosed, new Promise((r) => setTimeout(r, TARGET_CLOSE_GRACE_MS).unref())]);
       await (control as ControlServer | null)?.close();
       (metricsServer as http.Server | null)?.close();
     },

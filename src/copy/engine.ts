@@ -143,6 +143,8 @@ export class CopyEngine extends EventEmitter {
   private cursor = 0;
   private wake = new Deferred();
   private readonly finished = new Deferred();
+  /** The target's close after a failure or cancel (requests in flight finish first). */
+  private targetClosing: Promise<void> | null = null;
   private pendingAdds = 0;
   private readFailures = 0;
   private finishing = false;
@@ -233,6 +235,16 @@ export class CopyEngine extends EventEmitter {
     return this.finished.promise;
   }
 
+  /**
+   * Resolves once a failed or cancelled job's target connection is closed:
+   * its requests in flight answered, then a clean disconnect. A server
+   * shutting down waits for this (bounded) instead of cutting the target
+   * off mid-request.
+   */
+  get targetClosed(): Promise<void> {
+    return this.targetClosing ?? Promise.resolve();
+  }
+
   get isActive(): boolean {
     return this.stateValue === 'running' || this.stateValue === 'paused';
   }
@@ -304,7 +316,7 @@ export class CopyEngine extends EventEmitter {
     this.reading.clear();
     this.finished.reject(err);
     this.kick();
-    void this.target.close(false).catch(() => undefined);
+    this.targetClosing = this.target.close(false).catch(() => undefined);
   }
 
   private kick(): void {
