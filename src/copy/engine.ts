@@ -86,14 +86,23 @@ export function sweepShare(
 /**
  * store()'s releaseFor for a run read into a pooled buffer: each piece gives
  * its bytes back with `release` as it reaches the target (or is found zero),
- * and the buffer goes back to `pool` with the last of them.
+ * and the buffer goes back to `pool` with the last of them. `buf` may be
+ * longer than the run (`length`, default all of it): the rest is released
+ * with the last piece, when the buffer's memory is free again.
  */
-function piecewiseRelease(pool: PayloadPool, buf: Buffer, release: (bytes: number) => void): (bytes: number) => () => void {
-  let left = buf.length;
+function piecewiseRelease(
+  pool: PayloadPool,
+  buf: Buffer,
+  release: (bytes: number) => void,
+  length = buf.length,
+): (bytes: number) => () => void {
+  let left = length;
   return (n) => () => {
-    release(n);
     left -= n;
-    if (left === 0) pool.give(buf);
+    if (left === 0) {
+      release(n + buf.length - length);
+      pool.give(buf);
+    } else release(n);
   };
 }
 
@@ -658,27 +667,30 @@ export class CopyEngine extends EventEmitter {
       const { first: c, end } = run;
       this.cursor = end;
       const { offset, length } = this.clusterRange(c, end);
-      this.sweepBudget.release(budgetBytes - length);
       const task = this.claim(c, end);
       this.pendingAdds++;
-      // Read into a reused buffer that goes back once its last piece reached
-      // the target (or was found zero).
-      const into = this.buffer.backgroundBuffers.take(length);
-      this.buffer.noteBackground(length);
+      // Every run reads into a reused buffer of the full run size (a shorter
+      // run uses the front of it), which goes back once the run's last piece
+      // reached the target (or was found zero). One size: runs cut short by
+      // guest-saved clusters come in every length, and a buffer per length
+      // meant a fresh allocation for most runs, and garbage for V8 to find.
+      // The budget stays charged for the whole buffer until then.
+      const into = this.buffer.backgroundBuffers.take(budgetBytes);
+      this.buffer.noteBackground(budgetBytes);
+      const letGo = (n: number) => {
+        this.buffer.noteBackground(-n);
+        this.sweepBudget.release(n);
+      };
       try {
-        const data = await this.sweepSource.read(offset, length, into);
+        const data = await this.sweepSource.read(offset, length, into.subarray(0, length));
         this.readFailures = 0;
-        const releaseFor = piecewiseRelease(this.buffer.backgroundBuffers, into, (n) => {
-          this.buffer.noteBackground(-n);
-          this.sweepBudget.release(n);
-        });
+        const releaseFor = piecewiseRelease(this.buffer.backgroundBuffers, into, letGo, data.length);
         // Saved once read: the bytes are in memory on their way to the target.
         const stored = this.store(c, data, releaseFor, null);
         this.release(task, true);
         await stored;
       } catch (e) {
-        this.buffer.noteBackground(-length);
-        this.sweepBudget.release(length);
+        letGo(budgetBytes);
         this.buffer.backgroundBuffers.give(into);
         this.release(task, false);
         if (!this.isActive) return;
