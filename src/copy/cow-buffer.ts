@@ -362,11 +362,14 @@ export class CowBuffer {
   private async spillWrite(data: Buffer): Promise<number[]> {
     const fd = this.openSpill();
     const cs = this.opts.clusterSize;
-    const slots: number[] = [];
+    // Sized up front: an array grown by push() from empty reserves room for
+    // 17 elements, 152 bytes of heap per one-cluster run, and a large spill
+    // holds tens of thousands of them.
+    const slots = new Array<number>(Math.ceil(data.length / cs));
     const writes: Promise<void>[] = [];
-    for (let at = 0; at < data.length; at += cs) {
+    for (let at = 0, i = 0; at < data.length; at += cs, i++) {
       const slot = this.spillFree.pop() ?? this.spillNextSlot++;
-      slots.push(slot);
+      slots[i] = slot;
       const piece = data.subarray(at, Math.min(data.length, at + cs));
       this.spillPending++;
       writes.push(
