@@ -23,12 +23,15 @@
 //   a slow nbdkit target with writes in flight: the target answers them and
 //   sees a clean disconnect (no write cut off mid-sleep, no broken pipe;
 //   nbdkit 1.32 could abort on one), nbdkit is still up, nbd-cbw exits 0;
+// - a qemu-nbd source that takes one client (no --shared): the job's second
+//   connection for the sweep times out, nbd-cbw says so and why, and the job
+//   completes exactly over the guest's connection;
 // - `status --json` fields; clear one-line errors for bad input (bad target
 //   URI, --buffer 12Q, a second job while one runs: 409).
 
 import t, { type Test } from 'tap';
 import * as fs from 'node:fs';
-import { MiB, readAt, sleep, startNbdCbw, startNbdkit, tmpPath, type Peer } from './helpers/peers';
+import { MiB, readAt, sleep, startNbdCbw, startNbdkit, startQemuNbd, tmpPath, type Peer } from './helpers/peers';
 import {
   backupAction,
   backupStart,
@@ -148,6 +151,22 @@ for (const how of ['SIGTERM mid-backup', 'SIGTERM just after a cancel'] as const
     t.ok(target.running(), 'nbdkit is still running');
   });
 }
+
+t.test('a qemu-nbd source that takes one client: nbd-cbw says why, the job completes exactly', async (t) => {
+  const image = tmpPath(t, 'disk', '.raw');
+  makeMixedImage(image, 16 * MiB, 121);
+  const snapshot = tmpPath(t, 'snap', '.raw');
+  fs.copyFileSync(image, snapshot);
+  const q = await startQemuNbd(t, image, { shared: 1 });
+  const cbw = await startNbdCbw(t, ['--source', q.uri]);
+  const target = tmpPath(t, 'target', '.raw');
+  const job = await backupStart(controlOf(cbw), `file:${target}`);
+  const w = await backupWait(controlOf(cbw), job.id, 60_000);
+  t.equal(w.code, 0, 'the job completes');
+  const diff = compareImages(snapshot, target);
+  t.equal(diff, null, diff ? `target differs: ${diff}` : 'target equals the disk at the start');
+  t.match(cbw.output(), /no second connection to the source .*--shared=2/, 'nbd-cbw said why the sweep shares the connection');
+});
 
 // ------------------------------------------------------------ pause/resume
 

@@ -210,6 +210,7 @@ export async function serve(opts: ServeOptions): Promise<void> {
   const filter = new CbwFilter(source.device);
   const exportSpec: ExportSpec = { ...source, device: filter };
   const jobs = new JobManager(filter, opts.source);
+  jobs.on('warning', (m: string) => info(m));
   const metrics = opts.metrics === false ? null : new Metrics();
   metrics?.watchExport(exportSpec.name, filter, jobs);
   let control: ControlServer | null = null;

@@ -220,7 +220,16 @@ export class JobManager extends EventEmitter {
       // queue in front of guest requests. Without it the sweep shares the
       // guest's connection.
       const source = this.filter.next;
-      const sweepSource = source.reopen ? await source.reopen(3000).catch(() => undefined) : undefined;
+      const sweepSource = source.reopen
+        ? await source.reopen(3000).catch((e: unknown) => {
+            this.emit(
+              'warning',
+              `no second connection to the source (${(e as Error).message}); the background copy shares the guest's ` +
+                '(qemu-nbd takes one client unless started with --shared=2 or more)',
+            );
+            return undefined;
+          })
+        : undefined;
       try {
         engine = new CopyEngine(source, target, opts, sweepSource);
       } catch (e) {
