@@ -7,14 +7,13 @@
 import * as fs from 'node:fs';
 import t from 'tap';
 import { NbdDevice } from '../src/device/nbd';
-import { MiB, startNbdkit, tmpPath } from './helpers/peers';
+import { MiB, fillPattern, startNbdkit, tmpPath } from './helpers/peers';
 
-/** nbdkit's pattern plugin: every 8 bytes hold their own offset, big-endian. */
+/** nbdkit's pattern plugin (fillPattern, seed 0) over [at, at + n), at any alignment. */
 function pattern(at: number, n: number): Buffer {
   const start = at - (at % 8);
-  const b = Buffer.alloc(Math.ceil((n + at - start) / 8) * 8);
-  for (let i = 0; i < b.length; i += 8) b.writeBigUInt64BE(BigInt(start + i), i);
-  return b.subarray(at - start, at - start + n);
+  const words = fillPattern(Buffer.alloc(Math.ceil((n + at - start) / 8) * 8), start);
+  return words.subarray(at - start, at - start + n);
 }
 
 /** The Read requests nbdkit's log filter saw: [offset, count]. */

@@ -22,7 +22,7 @@ import { FileDevice } from '../src/device/file';
 import { NbdServer } from '../src/server/server';
 import { NbdClient } from '../src/client/client';
 import { ServerStreamParser, type ServerMessage } from '../src/nbd-protocol';
-import { fillRandom, run, startNbdkit, startQemuNbd, tmpPath } from './helpers/peers';
+import { fillPattern, fillRandom, run, startNbdkit, startQemuNbd, tmpPath } from './helpers/peers';
 
 function tmpSocket(t: Test): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-cbw-adopt-'));
@@ -323,12 +323,8 @@ t.test('NbdClient with only large READs in flight: a failed READ, then the next 
   const kit = await startNbdkit(t, ['--filter=error', 'pattern', 'size=16M', 'error-pread=EIO', 'error-pread-rate=100%', `error-pread-file=${trigger}`]);
   const client = await NbdClient.connect({ socketPath: kit.socket, exportName: '' }, { connectTimeoutMs: 5000 });
   t.teardown(() => client.close());
-  // nbdkit's pattern plugin: every 8 bytes hold their own offset, big-endian.
-  const expect = (at: number, n: number) => {
-    const b = Buffer.alloc(n);
-    for (let i = 0; i < n; i += 8) b.writeBigUInt64BE(BigInt(at + i), i);
-    return b;
-  };
+  // nbdkit's pattern plugin is fillPattern with seed 0: every 8 bytes hold their own offset.
+  const expect = (at: number, n: number) => fillPattern(Buffer.alloc(n), at);
   fs.writeFileSync(trigger, '');
   const failed = await Promise.allSettled([client.read(0, MiB), client.read(MiB, MiB), client.read(2 * MiB, 4 * MiB)]);
   t.strictSame(
