@@ -277,6 +277,32 @@ t.test('header-read limit: READ data goes straight to its destination, other rep
   for (let i = 0; i < 4; i++) t.ok(reqSplit.get(BigInt(i + 1))?.equals(data[i]), `7-byte socket reads: READ ${i + 1} data in place`);
 });
 
+t.test('header-read limit: a short payload remainder is read with the next header only', async (t) => {
+  // 512 KiB replies arriving 170 KiB at a time end in a 2 KiB remainder,
+  // too short to read straight into place. It must come with the next
+  // header alone, not with the next reply's data (which would be copied).
+  const size = 512 * 1024;
+  const socketHolds = 170 * 1024;
+  const remainder = size - 3 * socketHolds;
+  const base = 1 << 20;
+  const data = [1, 2, 3, 4].map((i) => fillRandom(Buffer.alloc(size), 10 + i));
+  const stream = Buffer.concat(data.map((d, i) => chunk(BigInt(i + 1), 1, DONE, Buffer.concat([u64(base + i * size), d]))));
+  const offsetOf = (c: bigint) => base + Number(c - 1n) * size;
+  const run = (limit: (() => number | null) | undefined) => {
+    const reqs = new Map<bigint, Buffer>([1n, 2n, 3n, 4n].map((c) => [c, Buffer.alloc(size)]));
+    const r = feedThroughHooks(stream, reqs, offsetOf, limit, socketHolds);
+    t.equal(r.messages.length, 4, 'four replies parsed');
+    for (let i = 0; i < 4; i++) t.ok(reqs.get(BigInt(i + 1))?.equals(data[i]), `READ ${i + 1} data in place`);
+    return r;
+  };
+  const limited = run(() => 28);
+  t.ok(remainder > 0 && remainder < 16 * 1024, `the test's split leaves a short remainder (${remainder} bytes)`);
+  t.equal(limited.largestOther, 28 + remainder, 'limited: a remainder read takes it and the next header, no more');
+  t.equal(limited.direct, 4 * (size - remainder), 'limited: all but the remainders read straight into place');
+  const plain = run(undefined);
+  t.ok(plain.largestOther > 100 * 1024, `unlimited: a remainder read takes the next data too (${plain.largestOther} bytes)`);
+});
+
 t.test('NbdClient with only large READs in flight: qemu-nbd data and holes, mixed requests', async (t) => {
   const MiB = 1024 * 1024;
   const image = tmpPath(t, 'header-limit', '.img');

@@ -66,7 +66,11 @@ export function parserReadHooks<M>(
       directRead = into !== null && into.length >= DIRECT_READ_MIN ? into : null;
       if (directRead) return directRead;
       readBuffer ??= Buffer.allocUnsafeSlow(SOCKET_READ_BUFFER);
-      const limit = into === null ? (headerReadLimit?.() ?? null) : null;
+      // A short remainder of a payload is read with the header after it
+      // only: read in full, the next payload would be copied out too (a
+      // 512 KiB reply arriving in socket-sized pieces often ends in one).
+      const headerLimit = headerReadLimit?.() ?? null;
+      const limit = headerLimit === null ? null : headerLimit + (into?.length ?? 0);
       if (limit === null || limit >= SOCKET_READ_BUFFER) return readBuffer;
       if (headerView?.length !== limit) headerView = readBuffer.subarray(0, limit);
       return headerView;
