@@ -238,3 +238,37 @@ t.test('GET /v1/jobs/:id?wait=MS answers when the job ends or MS pass', async (t
   t.equal(lines[lines.length - 1].state, 'completed', 'its last line says completed');
   t.ok(lines.length <= 3, `a line at the start and one at the end, not one per poll (${lines.length})`);
 });
+
+t.test('backup start --wait follows the job to its end, exit status from the outcome', async (t) => {
+  const { cbw, image } = await server(t);
+  const ctlPath = controlSocketOf(cbw.socket);
+  const target = tmpPath(t, 'sw', '.raw');
+  const done = await run(
+    process.execPath,
+    [NBD_CBW_BIN, 'backup', 'start', '--wait', '--json', '--interval', '20000', '--target', `file:${target}`, '--control', ctlPath],
+    { timeoutMs: 30_000 },
+  );
+  t.equal(done.code, 0, `exits 0 once the job completed (${done.stderr.trim()})`);
+  const lines = done.stdout.trim().split('\n').map((l) => JSON.parse(l) as { id: string; state: string });
+  t.equal(lines[0].id, lines[lines.length - 1].id, 'every line is the started job');
+  t.equal(lines[lines.length - 1].state, 'completed', 'the last line says completed');
+  t.ok(fs.readFileSync(target).equals(fs.readFileSync(image)), 'the target holds the disk');
+
+  // A job that does not complete: --wait exits 1 and says how it ended.
+  const slow = run(
+    process.execPath,
+    [NBD_CBW_BIN, 'backup', 'start', '--wait', '--target', `file:${tmpPath(t, 'sw2', '.raw')}`, '--speed', '1M', '--control', ctlPath],
+    { timeoutMs: 30_000 },
+  );
+  const ctl: HttpTarget = { socketPath: ctlPath };
+  let running = await getJob(ctl, 'current');
+  for (let i = 0; i < 100 && (running?.state !== 'running' || running?.id === lines[0].id); i++) {
+    await new Promise((r) => setTimeout(r, 50));
+    running = await getJob(ctl, 'current');
+  }
+  t.equal(running?.state, 'running', 'the second job runs');
+  t.equal((await httpRequest(ctl, 'POST', '/v1/jobs/current/cancel')).status, 200, 'cancelled');
+  const cancelled = await slow;
+  t.equal(cancelled.code, 1, 'start --wait exits 1 for a cancelled job');
+  t.match(cancelled.stderr, /started backup job .*\n(.|\n)*: cancelled/, 'it said it started, then that the job was cancelled');
+});

@@ -312,7 +312,7 @@ function report(runsFile, outFile, partial) {
   const C = recs.filter((r) => r.section === 'C');
   if (C.length) {
     print('');
-    print('C. full backup of a 1 GiB random disk (qemu-nbd on /dev/shm) to a fast target: nbd-cbw (backup start + backup wait) vs nbdcopy');
+    print('C. full backup of a 1 GiB random disk (qemu-nbd on /dev/shm) to a fast target: nbd-cbw (backup start --wait) vs nbdcopy');
     print(
       table(
         ['tool', 'target', 'rep', 'wall s', 'job s', 'MiB/s', 'cbw cpu s', 'load', 'verify'],

@@ -83,10 +83,12 @@ export function registerBackup(program: Command): void {
     .command('start')
     .description('start a backup: the target ends up holding the disk exactly as it is now')
     .requiredOption('-t, --target <TARGET>', 'file:PATH, nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH')
-    .option('--json', 'print the job as JSON');
+    .option('--json', 'print the job as JSON (with --wait: a JSON line per update, as `backup wait --json`)')
+    .option('-w, --wait', 'then wait for the job to end, as `backup wait` does: progress, exit status 0 only if it completed')
+    .option('--interval <MS>', 'with --wait: progress update interval in milliseconds', '1000');
   addBackupOptions(start);
   addControlOptions(start);
-  start.action(async (o: BackupCliOptions & ControlCliOptions & { target: string }) => {
+  start.action(async (o: BackupCliOptions & ControlCliOptions & { target: string; wait?: boolean; interval: string }) => {
     let req;
     try {
       req = toBackupRequest(o.target, o);
@@ -94,6 +96,10 @@ export function registerBackup(program: Command): void {
       die(errorMessage(e));
     }
     const s = await call(o, 'POST', '/v1/jobs', req);
+    if (o.wait) {
+      if (!o.json) console.error(`started backup job ${s.id} to ${s.target}`);
+      await follow(o, s, o.interval);
+    }
     console.log(o.json ? JSON.stringify(s) : `started backup job ${s.id} to ${s.target}`);
   });
 
@@ -140,37 +146,44 @@ export function registerBackup(program: Command): void {
     .option('--interval <MS>', 'progress update interval in milliseconds (the end is reported at once)', '1000');
   addControlOptions(wait);
   wait.action(async (job: string | undefined, o: ControlCliOptions & { interval: string }) => {
-    const first = await call(o, 'GET', jobPath(job));
-    const id = first.id; // follow this job even if another starts later
-    const interval = Math.max(50, Number(o.interval) || 1000);
-    const bar =
-      !o.json && process.stderr.isTTY
-        ? new cliProgress.SingleBar(
-            {
-              format: 'backup |{bar}| {percentage}% {done}/{total} {rate}/s ETA {eta_formatted} buffer {buffer}',
-              hideCursor: true,
-              stream: process.stderr,
-            },
-            cliProgress.Presets.shades_classic,
-          )
-        : null;
-    bar?.start(first.bytesTotal, first.bytesDone);
-    let s = first;
-    for (;;) {
-      if (o.json) console.log(JSON.stringify(s));
-      bar?.update(s.bytesDone, {
-        done: formatSize(s.bytesDone),
-        total: formatSize(s.bytesTotal),
-        rate: formatSize(s.rate),
-        buffer: formatSize(s.bufferBytes),
-      });
-      if (TERMINAL.has(s.state)) break;
-      // The server holds the request until the job ends or `interval`
-      // passes: the end is seen at once, progress every interval.
-      s = await call(o, 'GET', `${jobPath(id)}?wait=${Math.min(interval, MAX_WAIT_MS)}`);
-    }
-    bar?.stop();
-    if (!o.json) console.error(describeStatus(s));
-    process.exit(s.state === 'completed' ? 0 : 1);
+    await follow(o, await call(o, 'GET', jobPath(job)), o.interval);
   });
+}
+
+/**
+ * Show `first`'s job until it ends (JSON lines or a progress bar on a
+ * terminal), then exit: 0 only if it completed.
+ */
+async function follow(o: ControlCliOptions, first: JobStatus, intervalText: string): Promise<never> {
+  const id = first.id; // follow this job even if another starts later
+  const interval = Math.max(50, Number(intervalText) || 1000);
+  const bar =
+    !o.json && process.stderr.isTTY
+      ? new cliProgress.SingleBar(
+          {
+            format: 'backup |{bar}| {percentage}% {done}/{total} {rate}/s ETA {eta_formatted} buffer {buffer}',
+            hideCursor: true,
+            stream: process.stderr,
+          },
+          cliProgress.Presets.shades_classic,
+        )
+      : null;
+  bar?.start(first.bytesTotal, first.bytesDone);
+  let s = first;
+  for (;;) {
+    if (o.json) console.log(JSON.stringify(s));
+    bar?.update(s.bytesDone, {
+      done: formatSize(s.bytesDone),
+      total: formatSize(s.bytesTotal),
+      rate: formatSize(s.rate),
+      buffer: formatSize(s.bufferBytes),
+    });
+    if (TERMINAL.has(s.state)) break;
+    // The server holds the request until the job ends or `interval`
+    // passes: the end is seen at once, progress every interval.
+    s = await call(o, 'GET', `${jobPath(id)}?wait=${Math.min(interval, MAX_WAIT_MS)}`);
+  }
+  bar?.stop();
+  if (!o.json) console.error(describeStatus(s));
+  process.exit(s.state === 'completed' ? 0 : 1);
 }
