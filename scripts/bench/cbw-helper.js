@@ -188,6 +188,7 @@ function record(args) {
     r.iopsFirst3s = first.reduce((s, x) => s + x, 0) / first.length;
   }
   if (typeof r.cpuTicks === 'number' && typeof r.clkTck === 'number') r.cbwCpuSeconds = r.cpuTicks / r.clkTck;
+  if (typeof r.stealTicks === 'number' && typeof r.clkTck === 'number') r.stealSeconds = r.stealTicks / r.clkTck;
   process.stdout.write(JSON.stringify(r) + '\n');
 }
 
@@ -382,6 +383,21 @@ function report(runsFile, outFile, partial) {
     verdicts.push(
       `WARNING: the machine was busy (1-min load ${fmt(Math.min(...loads), 1)}-${fmt(Math.max(...loads), 1)} on ${cpus} CPUs): ` +
         'other work competed for CPU, figures are noisy; repeat with BENCH_REPEATS on a quiet machine',
+    );
+  }
+  // CPU the host took (steal) during the measured windows: above 5 % of
+  // their CPU time, say how much and where.
+  const stealRuns = recs.filter((r) => typeof r.stealSeconds === 'number');
+  const stolen = stealRuns.reduce((n, r) => n + r.stealSeconds, 0);
+  const offered = stealRuns.reduce((n, r) => n + (r.windowSeconds ?? r.seconds ?? 0), 0) * cpus;
+  if (offered > 0 && stolen > 0.05 * offered) {
+    const worst = [...stealRuns]
+      .sort((a, b) => b.stealSeconds - a.stealSeconds)
+      .slice(0, 3)
+      .map((r) => `${r.section} ${r.variant}${r.target ? ` ${r.target}` : ''} rep ${r.rep} ${fmt(r.stealSeconds, 1)} s`);
+    verdicts.push(
+      `WARNING: the host took ${fmt(stolen, 1)} s of CPU (steal) during the measured runs, ${fmt((100 * stolen) / offered, 1)} % ` +
+        `of their CPU time (most: ${worst.join(', ')}): figures are noisy`,
     );
   }
   for (const r of recs.filter((x) => x.section === 'warning')) verdicts.push(`WARNING: ${r.text}`);

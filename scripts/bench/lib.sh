@@ -168,6 +168,10 @@ helper() { timeout -k 5 120 node "$BENCH_HELPER" "$@"; }
 # now_ns: monotonic-enough wall clock in nanoseconds.
 now_ns() { date +%s%N; }
 
+# steal_ticks: CPU time the hypervisor gave to others while this machine
+# wanted it (the steal column of /proc/stat), in clock ticks over all CPUs.
+steal_ticks() { awk '/^cpu / { print $9 }' /proc/stat; }
+
 # mono_us: the monotonic clock V8's CPU profiles use (process.hrtime), in us.
 mono_us() { node -p 'String(process.hrtime.bigint() / 1000n)'; }
 
