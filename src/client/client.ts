@@ -164,6 +164,8 @@ export class NbdClient extends EventEmitter {
   private forget(cookie: bigint, p: Pending): void {
     this.pending.delete(cookie);
     if (NbdClient.isLargeRead(p)) this.largeReadsPending--;
+    this.inFlight--;
+    this.slotWaiters.shift()?.();
   }
   private readonly onError = (err: Error) => this.fail(err);
   private readonly onClose = () => this.fail(new Error('connection closed by server'));
@@ -352,6 +354,7 @@ export class NbdClient extends EventEmitter {
     w?.(err);
     const e = new ConnectionLostError(`${this.uri}: ${err.message}`);
     for (const p of this.pending.values()) p.reject(e);
+    this.inFlight -= this.pending.size;
     this.pending.clear();
     this.largeReadsPending = 0;
     for (const s of this.slotWaiters.splice(0)) s();
@@ -375,7 +378,27 @@ export class NbdClient extends EventEmitter {
     }
   }
 
-  private async request(
+  /**
+   * Send a request; settles with its reply. Not an async function: a
+   * request is several promise hops deep in the proxy already (connection,
+   * device, here), and each async frame costs a promise, microtasks and a
+   * thenable check of the result on every request.
+   */
+  private request(
+    command: number,
+    flags: number,
+    offset: number,
+    length: number,
+    payload: Buffer | readonly Buffer[] | null,
+    into: Buffer | null,
+  ): Promise<Buffer | Extent[] | null> {
+    if (this.inFlight >= this.maxInFlight || this.closedError) {
+      return this.requestWhenSlot(command, flags, offset, length, payload, into);
+    }
+    return this.send(command, flags, offset, length, payload, into);
+  }
+
+  private async requestWhenSlot(
     command: number,
     flags: number,
     offset: number,
@@ -385,25 +408,32 @@ export class NbdClient extends EventEmitter {
   ): Promise<Buffer | Extent[] | null> {
     if (this.inFlight >= this.maxInFlight) await this.slot();
     if (this.closedError) throw new ConnectionLostError(`${this.uri}: ${this.closedError.message}`);
+    return this.send(command, flags, offset, length, payload, into);
+  }
+
+  /** The slot is taken here and given back when the reply is complete (forget) or the connection fails. */
+  private send(
+    command: number,
+    flags: number,
+    offset: number,
+    length: number,
+    payload: Buffer | readonly Buffer[] | null,
+    into: Buffer | null,
+  ): Promise<Buffer | Extent[] | null> {
     const cookie = this.nextCookie++;
     this.inFlight++;
-    try {
-      return await new Promise<Buffer | Extent[] | null>((resolve, reject) => {
-        const p: Pending = { command, offset, length, resolve, reject, data: into, extents: null, error: null };
-        this.pending.set(cookie, p);
-        if (NbdClient.isLargeRead(p)) this.largeReadsPending++;
-        const header = build.requestHeader(flags, command, cookie, offset, length);
-        corkForTick(this.socket);
-        this.socket.write(header);
-        if (payload) {
-          if (Buffer.isBuffer(payload)) this.socket.write(payload);
-          else for (const b of payload) this.socket.write(b);
-        }
-      });
-    } finally {
-      this.inFlight--;
-      this.slotWaiters.shift()?.();
-    }
+    return new Promise<Buffer | Extent[] | null>((resolve, reject) => {
+      const p: Pending = { command, offset, length, resolve, reject, data: into, extents: null, error: null };
+      this.pending.set(cookie, p);
+      if (NbdClient.isLargeRead(p)) this.largeReadsPending++;
+      const header = build.requestHeader(flags, command, cookie, offset, length);
+      corkForTick(this.socket);
+      this.socket.write(header);
+      if (payload) {
+        if (Buffer.isBuffer(payload)) this.socket.write(payload);
+        else for (const b of payload) this.socket.write(b);
+      }
+    });
   }
 
   private onSimpleReply(cookie: bigint, error: number, data: Buffer | null): void {
@@ -485,14 +515,12 @@ export class NbdClient extends EventEmitter {
     p.data ??= Buffer.alloc(p.length);
   }
 
-  async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
-    if (length > MAX_PAYLOAD) throw new DeviceError(NbdError.EINVAL, `read of ${length} bytes is over the 32 MiB limit`);
-    const r = (await this.request(Command.Read, 0, offset, length, null, into ?? null)) as Buffer;
-    if (into && r !== into) {
-      r.copy(into, 0, 0, length);
-      return into;
+  /** Settles with `into` when given (the reply is placed there), else a new buffer. */
+  read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
+    if (length > MAX_PAYLOAD) {
+      return Promise.reject(new DeviceError(NbdError.EINVAL, `read of ${length} bytes is over the 32 MiB limit`));
     }
-    return r;
+    return this.request(Command.Read, 0, offset, length, null, into ?? null) as Promise<Buffer>;
   }
 
   /** Write one buffer, or several sent back to back as one request (no concat). */

@@ -89,10 +89,25 @@ export class NbdDevice implements BlockDevice {
     return new NbdDevice(await NbdClient.connect(addr, opts), addr, opts);
   }
 
-  /** Run `op` on a live connection, reconnecting within the window if it drops. */
-  private async withClient<T>(op: (c: NbdClient) => Promise<T>): Promise<T> {
+  /**
+   * Run `op` on a live connection, reconnecting within the window if it
+   * drops. The common case (connected) adds no async frame of its own: this
+   * is on every proxied request.
+   */
+  private withClient<T>(op: (c: NbdClient) => Promise<T>): Promise<T> {
     const windowMs = this.opts.reconnectWindowMs ?? 0;
+    if (this.client.isClosed) return this.withClientRetrying(op, Date.now() + windowMs);
+    const first = op(this.client);
+    if (!this.addr || windowMs <= 0) return first;
     const deadline = Date.now() + windowMs;
+    return first.catch((e: unknown) => {
+      if (!(e instanceof ConnectionLostError) || this.closed || Date.now() >= deadline) throw e;
+      return this.withClientRetrying(op, deadline);
+    });
+  }
+
+  private async withClientRetrying<T>(op: (c: NbdClient) => Promise<T>, deadline: number): Promise<T> {
+    const windowMs = this.opts.reconnectWindowMs ?? 0;
     for (;;) {
       const client = this.client.isClosed ? await this.reconnect(deadline) : this.client;
       try {
@@ -142,9 +157,13 @@ export class NbdDevice implements BlockDevice {
     throw new DeviceError(NbdError.EIO, `source connection lost and not back within the reconnect window${why}`);
   }
 
-  async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
+  read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
+    if (length <= this.maxReadRequest) return this.withClient((c) => c.read(offset, length, into));
+    return this.readSplit(offset, length, into);
+  }
+
+  private async readSplit(offset: number, length: number, into?: Buffer): Promise<Buffer> {
     const max = this.maxReadRequest;
-    if (length <= max) return this.withClient((c) => c.read(offset, length, into));
     const out = into ?? Buffer.allocUnsafe(length);
     const parts: Promise<Buffer>[] = [];
     for (let at = 0; at < length; at += max) {
