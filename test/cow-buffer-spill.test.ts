@@ -57,59 +57,59 @@ for (const [maxClusters, mostRuns] of [
   [64, 3],
   [4, 20],
 ] as const) {
-t.test(`spilled runs that touch join up to the largest write (${maxClusters} clusters); the bytes land in place`, async (t) => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbw-spill-test-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const clusters = 40;
-  // The disk ends in a partial cluster, which can join the run before it.
-  const size = clusters * CS - 512;
-  const target = new GatedTarget(size);
-  const buffer = new CowBuffer(
-    target,
-    {
-      ramBytes: 0,
-      backgroundBytes: 0,
-      backgroundInBuffer: false,
-      spillDir: dir,
-      clusterSize: CS,
-      maxWrite: maxClusters * CS,
-      writers: 1,
-      retryAttempts: 1,
-      retryBaseMs: 1,
-      retryMaxMs: 1,
-    },
-    { written: () => undefined, retry: () => undefined, fatal: (e) => t.fail(e.message), fullWait: () => undefined },
-  );
-  t.equal(await buffer.reserve(CS), 'spill', 'no RAM: runs go to the spill file');
+  t.test(`spilled runs that touch join up to the largest write (${maxClusters} clusters); the bytes land in place`, async (t) => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbw-spill-test-'));
+    t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+    const clusters = 40;
+    // The disk ends in a partial cluster, which can join the run before it.
+    const size = clusters * CS - 512;
+    const target = new GatedTarget(size);
+    const buffer = new CowBuffer(
+      target,
+      {
+        ramBytes: 0,
+        backgroundBytes: 0,
+        backgroundInBuffer: false,
+        spillDir: dir,
+        clusterSize: CS,
+        maxWrite: maxClusters * CS,
+        writers: 1,
+        retryAttempts: 1,
+        retryBaseMs: 1,
+        retryMaxMs: 1,
+      },
+      { written: () => undefined, retry: () => undefined, fatal: (e) => t.fail(e.message), fullWait: () => undefined },
+    );
+    t.equal(await buffer.reserve(CS), 'spill', 'no RAM: runs go to the spill file');
 
-  // Clusters 0-39 in a shuffled order, one run each (the last one partial);
-  // the target holds the first write at its gate meanwhile.
-  const order = Array.from({ length: clusters }, (_, i) => i);
-  for (let i = order.length - 1; i > 0; i--) {
-    const j = (i * 7919 + 13) % (i + 1);
-    [order[i], order[j]] = [order[j], order[i]];
-  }
-  const adds: Promise<void>[] = [];
-  for (const c of order) {
-    const length = Math.min(CS, size - c * CS);
-    adds.push(buffer.add({ offset: c * CS, length, where: 'spill', data: pattern(c * CS, length), urgent: true }));
-  }
-  await Promise.all(adds);
-  // The first run is already being written (it cannot grow), and the
-  // others arrive in any order: with room for the whole disk in one write
-  // they end as the runs before and after it.
-  t.ok(buffer.queuedRuns <= mostRuns, `40 one-cluster runs make ${buffer.queuedRuns} queued runs (at most ${mostRuns})`);
-  t.equal(buffer.spillBytes, size, 'every byte is in the spill file');
+    // Clusters 0-39 in a shuffled order, one run each (the last one partial);
+    // the target holds the first write at its gate meanwhile.
+    const order = Array.from({ length: clusters }, (_, i) => i);
+    for (let i = order.length - 1; i > 0; i--) {
+      const j = (i * 7919 + 13) % (i + 1);
+      [order[i], order[j]] = [order[j], order[i]];
+    }
+    const adds: Promise<void>[] = [];
+    for (const c of order) {
+      const length = Math.min(CS, size - c * CS);
+      adds.push(buffer.add({ offset: c * CS, length, where: 'spill', data: pattern(c * CS, length), urgent: true }));
+    }
+    await Promise.all(adds);
+    // The first run is already being written (it cannot grow), and the
+    // others arrive in any order: with room for the whole disk in one write
+    // they end as the runs before and after it.
+    t.ok(buffer.queuedRuns <= mostRuns, `40 one-cluster runs make ${buffer.queuedRuns} queued runs (at most ${mostRuns})`);
+    t.equal(buffer.spillBytes, size, 'every byte is in the spill file');
 
-  target.release();
-  await buffer.whenEmpty();
-  t.ok(target.data.equals(pattern(0, size)), 'the target holds every byte in its place');
-  t.ok(
-    target.writes.every((w) => w.length <= maxClusters * CS),
-    `no write over the largest write (${Math.max(...target.writes.map((w) => w.length))} bytes)`,
-  );
-  t.ok(target.writes.length <= mostRuns + 1, `${target.writes.length} target writes for 40 clusters`);
-  t.equal(buffer.spillBytes, 0, 'the spill file gave every slot back');
-  buffer.stop(new Error('test over'));
-});
+    target.release();
+    await buffer.whenEmpty();
+    t.ok(target.data.equals(pattern(0, size)), 'the target holds every byte in its place');
+    t.ok(
+      target.writes.every((w) => w.length <= maxClusters * CS),
+      `no write over the largest write (${Math.max(...target.writes.map((w) => w.length))} bytes)`,
+    );
+    t.ok(target.writes.length <= mostRuns + 1, `${target.writes.length} target writes for 40 clusters`);
+    t.equal(buffer.spillBytes, 0, 'the spill file gave every slot back');
+    buffer.stop(new Error('test over'));
+  });
 }

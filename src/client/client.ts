@@ -80,6 +80,8 @@ interface Pending {
 
 type HandshakeWaiter = (msg: ServerMessage | Error) => void;
 
+const noop = (): void => undefined;
+
 export class NbdClient extends EventEmitter {
   size = 0;
   transmissionFlags = 0;
@@ -392,41 +394,27 @@ export class NbdClient extends EventEmitter {
     payload: Buffer | readonly Buffer[] | null,
     into: Buffer | null,
   ): Promise<Buffer | Extent[] | null> {
-    if (this.inFlight >= this.maxInFlight || this.closedError) {
-      return this.requestWhenSlot(command, flags, offset, length, payload, into);
-    }
-    return this.send(command, flags, offset, length, payload, into);
+    const p: Pending = { command, offset, length, resolve: noop, reject: noop, data: into, extents: null, error: null };
+    if (this.inFlight >= this.maxInFlight || this.closedError) return this.sendAfterSlot(p, flags, payload);
+    return this.send(p, flags, payload);
   }
 
-  private async requestWhenSlot(
-    command: number,
-    flags: number,
-    offset: number,
-    length: number,
-    payload: Buffer | readonly Buffer[] | null,
-    into: Buffer | null,
-  ): Promise<Buffer | Extent[] | null> {
+  private async sendAfterSlot(p: Pending, flags: number, payload: Buffer | readonly Buffer[] | null): Promise<Buffer | Extent[] | null> {
     if (this.inFlight >= this.maxInFlight) await this.slot();
     if (this.closedError) throw new ConnectionLostError(`${this.uri}: ${this.closedError.message}`);
-    return this.send(command, flags, offset, length, payload, into);
+    return this.send(p, flags, payload);
   }
 
   /** The slot is taken here and given back when the reply is complete (forget) or the connection fails. */
-  private send(
-    command: number,
-    flags: number,
-    offset: number,
-    length: number,
-    payload: Buffer | readonly Buffer[] | null,
-    into: Buffer | null,
-  ): Promise<Buffer | Extent[] | null> {
+  private send(p: Pending, flags: number, payload: Buffer | readonly Buffer[] | null): Promise<Buffer | Extent[] | null> {
     const cookie = this.nextCookie++;
     this.inFlight++;
     return new Promise<Buffer | Extent[] | null>((resolve, reject) => {
-      const p: Pending = { command, offset, length, resolve, reject, data: into, extents: null, error: null };
+      p.resolve = resolve;
+      p.reject = reject;
       this.pending.set(cookie, p);
       if (NbdClient.isLargeRead(p)) this.largeReadsPending++;
-      const header = build.requestHeader(flags, command, cookie, offset, length);
+      const header = build.requestHeader(flags, p.command, cookie, p.offset, p.length);
       corkForTick(this.socket);
       this.socket.write(header);
       if (payload) {
