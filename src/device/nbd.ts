@@ -175,9 +175,13 @@ export class NbdDevice implements BlockDevice {
     return out;
   }
 
-  async write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void> {
+  write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void> {
     const fua = !!opts?.fua && this.capabilities.fua;
     if (data.length <= this.maxRequest) return this.withClient((c) => c.write(offset, data, fua));
+    return this.writeSplit(offset, data, fua);
+  }
+
+  private async writeSplit(offset: number, data: Buffer, fua: boolean): Promise<void> {
     const parts: Promise<void>[] = [];
     for (let at = 0; at < data.length; at += this.maxRequest) {
       const piece = data.subarray(at, at + this.maxRequest);
