@@ -96,11 +96,12 @@ export function registerBackup(program: Command): void {
       die(errorMessage(e));
     }
     const s = await call(o, 'POST', '/v1/jobs', req);
-    if (o.wait) {
-      if (!o.json) console.error(`started backup job ${s.id} to ${s.target}`);
-      await follow(o, s, o.interval);
+    if (!o.wait) {
+      console.log(o.json ? JSON.stringify(s) : `started backup job ${s.id} to ${s.target}`);
+      return;
     }
-    console.log(o.json ? JSON.stringify(s) : `started backup job ${s.id} to ${s.target}`);
+    if (!o.json) console.error(`started backup job ${s.id} to ${s.target}`);
+    await follow(o, s, o.interval);
   });
 
   const status = backup.command('status [JOB]').description('show a job').option('--json', 'print one JSON object');

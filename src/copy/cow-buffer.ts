@@ -230,14 +230,13 @@ export class CowBuffer {
    * write). The joined run keeps its place in the queue.
    */
   private joinSpilled(run: BufferedRun): boolean {
+    if (run.release !== null || run.written !== null) return false;
     const canJoin = (r: BufferedRun | undefined, extra: number): r is BufferedRun =>
       !!r &&
       r.where === 'spill' &&
       !r.writing &&
       r.release === null &&
       r.written === null &&
-      run.release === null &&
-      run.written === null &&
       r.urgent === run.urgent &&
       r.length + extra <= this.opts.maxWrite;
     const before = this.byEnd.get(run.offset);

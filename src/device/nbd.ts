@@ -99,10 +99,10 @@ export class NbdDevice implements BlockDevice {
     if (this.client.isClosed) return this.withClientRetrying(op, Date.now() + windowMs);
     const first = op(this.client);
     if (!this.addr || windowMs <= 0) return first;
-    const deadline = Date.now() + windowMs;
+    // The window counts from the drop (no clock read per request).
     return first.catch((e: unknown) => {
-      if (!(e instanceof ConnectionLostError) || this.closed || Date.now() >= deadline) throw e;
-      return this.withClientRetrying(op, deadline);
+      if (!(e instanceof ConnectionLostError) || this.closed) throw e;
+      return this.withClientRetrying(op, Date.now() + windowMs);
     });
   }
 
