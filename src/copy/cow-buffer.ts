@@ -22,7 +22,6 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { loadFileOps } from '../device/native';
 import type { BackupTarget } from '../targets/types';
-import { PayloadPool } from '../util/payload-pool';
 import { settleAll } from '../util/settle';
 import { Budget, BudgetBuffers, Deferred, backoffMs, sleep } from './sync';
 
@@ -59,6 +58,12 @@ export interface CowBufferOptions {
   /** The background share was carved out of --buffer: report it as part of the buffer. */
   backgroundInBuffer: boolean;
   spillDir?: string;
+  /** RAM for guest-saved runs on their way into the spill file. */
+  spillInBytes: number;
+  /** RAM for spilled runs read back for a target write. */
+  spillOutBytes: number;
+  /** The two spill shares were carved out of --buffer: report them as part of it. */
+  spillInBuffer: boolean;
   clusterSize: number;
   /** Largest target write after coalescing. */
   maxWrite: number;
@@ -90,10 +95,17 @@ export class CowBuffer {
   /** Buffers for the sweep's runs (their bytes acquired from `background` first). */
   readonly backgroundBuffers: BudgetBuffers;
   /**
-   * Buffers that pass spilled data through: guest-saved runs on their way
-   * into the spill file, and spilled runs read back for a target write.
+   * Spilled data passes through RAM twice: a guest-saved run on its way into
+   * the spill file (`spillIn`), and spilled runs read back for a target
+   * write (`spillOut`). Two budgets, so a guest never waits behind target
+   * writes for room; with a large --buffer both are part of it, so that
+   * --buffer bounds the RAM with a spill file as without.
    */
-  readonly staging = new PayloadPool(16 * 1024 * 1024);
+  readonly spillIn: Budget;
+  readonly spillOut: Budget;
+  /** Buffers for guest-saved runs going into the spill file (bytes acquired from `spillIn` first). */
+  readonly spillInBuffers: BudgetBuffers;
+  private readonly spillOutBuffers: BudgetBuffers;
   private readonly queue = new Set<BufferedRun>();
   /**
    * The guest-saved subset of `queue`: written first, so a guest waiting on
@@ -124,14 +136,26 @@ export class CowBuffer {
     this.background = new Budget(opts.backgroundBytes);
     this.ramBuffers = new BudgetBuffers(this.ram);
     this.backgroundBuffers = new BudgetBuffers(this.background);
+    this.spillIn = new Budget(opts.spillInBytes);
+    this.spillOut = new Budget(opts.spillOutBytes);
+    this.spillInBuffers = new BudgetBuffers(this.spillIn);
+    this.spillOutBuffers = new BudgetBuffers(this.spillOut);
   }
 
-  /** --buffer: the guest share, plus the background share when it was carved out of it. */
+  /** --buffer: the guest share, plus the background and spill shares when they were carved out of it. */
   get ramCapacity(): number {
-    return this.opts.ramBytes + (this.opts.backgroundInBuffer ? this.opts.backgroundBytes : 0);
+    return (
+      this.opts.ramBytes +
+      (this.opts.backgroundInBuffer ? this.opts.backgroundBytes : 0) +
+      (this.hasSpill && this.opts.spillInBuffer ? this.opts.spillInBytes + this.opts.spillOutBytes : 0)
+    );
   }
   get ramUsed(): number {
-    return this.ram.inUse + (this.opts.backgroundInBuffer ? this.backgroundHeld : 0);
+    return (
+      this.ram.inUse +
+      (this.opts.backgroundInBuffer ? this.backgroundHeld : 0) +
+      (this.opts.spillInBuffer ? this.spillIn.inUse + this.spillOut.inUse : 0)
+    );
   }
 
   /**
@@ -163,18 +187,27 @@ export class CowBuffer {
   }
 
   /**
-   * Room for `bytes` of saved data: RAM if it fits now, else the spill file,
-   * else wait for RAM (the guest waits; its CBW timeout bounds that).
+   * Room for `bytes` of saved data: RAM if it fits now, else the spill file
+   * (RAM on the way there: waits only for other guests' spill writes), else
+   * wait for RAM (the guest waits; its CBW timeout bounds that). Take the
+   * buffer from buffersFor() of the answer.
    */
   async reserve(bytes: number): Promise<'ram' | 'spill'> {
     if (this.opts.ramBytes > 0 && this.ram.tryAcquire(bytes)) return this.noteRam('ram');
-    if (this.hasSpill) return 'spill';
+    if (this.hasSpill) {
+      await this.spillIn.acquire(bytes);
+      return this.noteRam('spill');
+    }
     this.events.fullWait();
     await this.ram.acquire(bytes);
     return this.noteRam('ram');
   }
 
-  private noteRam(r: 'ram'): 'ram' {
+  buffersFor(where: 'ram' | 'spill'): BudgetBuffers {
+    return where === 'ram' ? this.ramBuffers : this.spillInBuffers;
+  }
+
+  private noteRam<W>(r: W): W {
     this.noteUse();
     return r;
   }
@@ -183,9 +216,12 @@ export class CowBuffer {
     this.ramHighWater = Math.max(this.ramHighWater, this.ramUsed);
   }
 
-  /** Give back a reservation that was not used (the read failed or was zero). */
+  /**
+   * Give back a reservation that was not used (the read failed or was
+   * zero), or, for 'spill', one whose run is now in the spill file.
+   */
   unreserve(where: 'ram' | 'spill', bytes: number): void {
-    if (where === 'ram') this.ram.release(bytes);
+    (where === 'ram' ? this.ram : this.spillIn).release(bytes);
   }
 
   /**
@@ -281,6 +317,8 @@ export class CowBuffer {
     this.stopped = true;
     this.ramBuffers.close();
     this.backgroundBuffers.close();
+    this.spillInBuffers.close();
+    this.spillOutBuffers.close();
     for (const run of this.queue) this.free(run);
     this.queue.clear();
     this.urgentQueue.clear();
@@ -288,6 +326,8 @@ export class CowBuffer {
     this.byEnd.clear();
     this.ram.abort(reason);
     this.background.abort(reason);
+    this.spillIn.abort(reason);
+    this.spillOut.abort(reason);
     for (const d of this.emptyWaiters.splice(0)) d.resolve();
     this.closeSpill();
   }
@@ -351,13 +391,7 @@ export class CowBuffer {
       const started = process.hrtime.bigint();
       try {
         if (zero) await this.target.writeZeroes(offset, length);
-        else {
-          const parts = await Promise.all(group.map((r) => this.bytesOf(r)));
-          await this.target.write(offset, parts.flat());
-          // Read back from the spill file for this write: reusable now. (Not
-          // after a failure: part of the write might still be on its way.)
-          group.forEach((r, i) => r.where === 'spill' && parts[i].forEach((b) => this.staging.give(b)));
-        }
+        else await this.writeData(offset, group);
         this.events.written(length, Number(process.hrtime.bigint() - started) / 1e9, zero);
         break;
       } catch (e) {
@@ -384,10 +418,27 @@ export class CowBuffer {
     this.byEnd.delete(r.offset + r.length);
   }
 
-  /** A run's bytes, back to back (a spilled run's in one buffer per slot). */
-  private async bytesOf(run: BufferedRun): Promise<Buffer[]> {
-    if (run.where === 'ram') return [run.data as Buffer];
-    return this.spillRead(run.slots as number[], run.length);
+  /**
+   * Write a group's bytes, back to back: RAM runs as they are, spilled runs
+   * read back into cluster-sized buffers paid for from `spillOut` first.
+   */
+  private async writeData(offset: number, group: BufferedRun[]): Promise<void> {
+    let spilledBytes = 0;
+    for (const r of group) if (r.where === 'spill') spilledBytes += (r.slots as number[]).length * this.opts.clusterSize;
+    if (spilledBytes === 0) return this.target.write(offset, group.map((r) => r.data as Buffer));
+    await this.spillOut.acquire(spilledBytes);
+    this.noteUse();
+    try {
+      const parts = await Promise.all(
+        group.map((r) => (r.where === 'ram' ? [r.data as Buffer] : this.spillRead(r.slots as number[], r.length))),
+      );
+      await this.target.write(offset, parts.flat());
+      // Reusable now. (Not after a failure: part of the write might still be
+      // on its way; those buffers are left to the collector.)
+      group.forEach((r, i) => r.where === 'spill' && parts[i].forEach((b) => this.spillOutBuffers.give(b)));
+    } finally {
+      this.spillOut.release(spilledBytes);
+    }
   }
 
   /** A reservation made with reserve() released as a run's `release`. */
@@ -462,7 +513,7 @@ export class CowBuffer {
         (slot, i) =>
           new Promise<Buffer>((resolve, reject) => {
             const n = Math.min(cs, length - i * cs);
-            const into = this.staging.take(cs);
+            const into = this.spillOutBuffers.take(cs);
             this.spillPending++;
             fs.read(fd, into, 0, n, slot * cs, (e) => {
               this.spillOpDone();

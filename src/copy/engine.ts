@@ -84,6 +84,24 @@ export function sweepShare(
 }
 
 /**
+ * With a spill file, saved data also passes through RAM on its way into it
+ * (one largest run at a time) and back out (the target writers' runs, at
+ * most an eighth of --buffer). A --buffer that can spare an eighth for a
+ * full-size run includes these too, as it does the sweep's share: RAM with
+ * a spill file stays within --buffer as without one.
+ */
+export function spillShare(
+  bufferBytes: number,
+  runBytes: number,
+  writers: number,
+  clusterSize: number,
+): { inBytes: number; outBytes: number; inBuffer: boolean } {
+  const eighth = Math.floor(bufferBytes / 8 / clusterSize) * clusterSize;
+  const inBuffer = eighth >= runBytes;
+  return { inBytes: runBytes, outBytes: inBuffer ? Math.min(writers * runBytes, eighth) : writers * runBytes, inBuffer };
+}
+
+/**
  * store()'s releaseFor for a run read into a pooled buffer: each piece gives
  * its bytes back with `release` as it reaches the target (or is found zero),
  * and the buffer goes back to `pool` with the last of them. `buf` may be
@@ -197,15 +215,23 @@ export class CopyEngine extends EventEmitter {
     this.zeroCluster = Buffer.alloc(cs);
     const runBytes = Math.min(opts.maxChunk, target.maxWrite);
     const share = sweepShare(opts.bufferBytes, opts.inFlightBytes, runBytes, cs);
+    const spill = spillShare(opts.bufferBytes, runBytes, opts.targetWriters, cs);
+    const spillCarved = opts.spillDir !== undefined && spill.inBuffer;
     this.sweepRunClusters = Math.max(1, Math.floor(Math.min(runBytes, share.bytes) / cs));
     this.limiter = new RateLimiter(opts.speed);
     this.buffer = new CowBuffer(
       target,
       {
-        ramBytes: share.inBuffer ? opts.bufferBytes - share.bytes : opts.bufferBytes,
+        ramBytes:
+          opts.bufferBytes -
+          (share.inBuffer ? share.bytes : 0) -
+          (spillCarved ? spill.inBytes + spill.outBytes : 0),
         backgroundBytes: share.bytes,
         backgroundInBuffer: share.inBuffer,
         spillDir: opts.spillDir,
+        spillInBytes: spill.inBytes,
+        spillOutBytes: spill.outBytes,
+        spillInBuffer: spillCarved,
         clusterSize: cs,
         maxWrite: Math.min(opts.maxChunk, target.maxWrite),
         writers: opts.targetWriters,
@@ -464,9 +490,9 @@ export class CopyEngine extends EventEmitter {
       return;
     }
     // RAM runs read into a pooled buffer that goes back to the pool when the
-    // last piece of it reached the target; spill runs into a staging buffer,
-    // back once in the spill file.
-    const pool = where === 'ram' ? this.buffer.ramBuffers : this.buffer.staging;
+    // last piece of it reached the target; spill runs into one that goes back
+    // (with its reservation) once the run is in the spill file.
+    const pool = this.buffer.buffersFor(where);
     const pooled = pool.take(length);
     let data: Buffer;
     try {
@@ -482,8 +508,12 @@ export class CopyEngine extends EventEmitter {
         const releaseFor = piecewiseRelease(pool, pooled, (n) => this.buffer.ram.release(n));
         await this.store(task.first, data, releaseFor, null, 'ram', true);
       } else {
-        await this.store(task.first, data, null, null, 'spill', true);
-        pool.give(pooled); // (not after a failed spill write)
+        try {
+          await this.store(task.first, data, null, null, 'spill', true);
+          pool.give(pooled); // (not after a failed spill write: it may still be in flight)
+        } finally {
+          this.buffer.unreserve('spill', length);
+        }
       }
     } catch (e) {
       this.fail(e instanceof Error ? e : new Error(String(e)));
