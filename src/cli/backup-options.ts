@@ -23,7 +23,7 @@ export interface BackupCliOptions {
 export function addBackupOptions(cmd: Command): Command {
   cmd
     .option('--buffer <SIZE>', 'RAM for old data awaiting the target, the background copy\'s reads included (from 32M up, an eighth of it, at most 32M); 0 = guest writes wait for the target', '256M')
-    .option('--spill-dir <DIR>', 'when the RAM buffer is full, spill to a file here instead of making the guest wait')
+    .option('--spill-dir <DIR>', 'when the RAM buffer is full, spill to a file here instead of making the guest wait (from 32M up, --buffer also holds the data passing to and from that file: one --max-chunk run in, up to an eighth out)')
     .option('--workers <N>', 'background copy workers', '16')
     .option('--cluster-size <SIZE>', 'copy granularity (power of two)', '64K')
     .option('--max-chunk <SIZE>', 'largest coalesced read and target write', '4M')
