@@ -279,15 +279,18 @@ export class CowBuffer {
     if (canJoin(before, run.length) && before.length % this.opts.clusterSize === 0) {
       // Only a whole-cluster run takes one after it (slot i holds bytes
       // from i * clusterSize on).
+      // Slots join in place (a new array per join was a copy of up to 64
+      // slots each time, for a run that grows one cluster at a time).
       this.byEnd.delete(before.offset + before.length);
       before.length += run.length;
-      before.slots = (before.slots as number[]).concat(run.slots as number[]);
+      const slots = before.slots as number[];
+      for (const slot of run.slots as number[]) slots.push(slot);
       // `run` may close the gap to the next run: that one joins too.
       const next = this.byStart.get(before.offset + before.length);
       if (next !== before && canJoin(next, before.length) && run.length % this.opts.clusterSize === 0) {
         this.unqueue(next);
         before.length += next.length;
-        before.slots = before.slots.concat(next.slots as number[]);
+        for (const slot of next.slots as number[]) slots.push(slot);
       }
       this.byEnd.set(before.offset + before.length, before);
       return true;
@@ -297,7 +300,7 @@ export class CowBuffer {
       this.byStart.delete(after.offset);
       after.offset = run.offset;
       after.length += run.length;
-      after.slots = (run.slots as number[]).concat(after.slots as number[]);
+      (after.slots as number[]).unshift(...(run.slots as number[]));
       this.byStart.set(after.offset, after);
       return true;
     }
