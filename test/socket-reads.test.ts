@@ -7,8 +7,8 @@
 // parserReadHooks' header-read limit: with a real ServerStreamParser fed the
 // way a socket reads, READ data then lands in its destination (not copied
 // out of the read buffer) and every other reply still parses; then NbdClient,
-// which sets the limit while only large READs are in flight, against
-// qemu-nbd (data, holes, mixed with small reads and block status) and
+// which sets the limit while a large READ is in flight, against qemu-nbd
+// (data, holes, mixed with small reads, block status and writes) and
 // nbdkit's error filter (a failed large READ, then the next one on the same
 // connection).
 
@@ -341,6 +341,44 @@ t.test('NbdClient with only large READs in flight: qemu-nbd data and holes, mixe
   await Promise.all(ops);
   t.ok(out.equals(content), 'mixed: large READs right');
   for (const s of smalls) t.ok((await s.got).equals(content.subarray(s.at, s.at + 512)), `mixed: 512-byte READ at ${s.at} right`);
+});
+
+t.test('NbdClient with large READs and WRITEs in flight together (guest writes and the READs saving their clusters)', async (t) => {
+  // The header-read limit holds while any large READ is in flight: WRITE
+  // replies then come a header at a time among the READs' data.
+  const KiB = 1024;
+  const cs = 64 * KiB;
+  const clusters = 256;
+  const image = tmpPath(t, 'header-limit-rw', '.img');
+  const content = fillRandom(Buffer.alloc(clusters * cs), 77);
+  fs.writeFileSync(image, content);
+  const q = await startQemuNbd(t, image);
+  const client = await NbdClient.connect({ socketPath: q.socket, exportName: 'disk' }, { connectTimeoutMs: 5000 });
+  t.teardown(() => client.close());
+  t.ok(client.structured, 'structured replies negotiated');
+  // Even clusters: 64 KiB READs. Odd clusters: a 32 KiB WRITE into each,
+  // and a 4 KiB READ of an odd cluster's untouched half now and then.
+  const reads = new Map<number, Promise<Buffer>>();
+  const smalls = new Map<number, Promise<Buffer>>();
+  const writes: Promise<void>[] = [];
+  const written = (c: number) => fillRandom(Buffer.alloc(32 * KiB), 1000 + c);
+  for (let c = 0; c < clusters; c += 2) {
+    reads.set(c, client.read(c * cs, cs));
+    writes.push(client.write((c + 1) * cs, written(c + 1)));
+    if (c % 8 === 0) smalls.set(c + 1, client.read((c + 1) * cs + 32 * KiB, 4 * KiB));
+  }
+  await Promise.all(writes);
+  let readsRight = 0;
+  for (const [c, got] of reads) if ((await got).equals(content.subarray(c * cs, (c + 1) * cs))) readsRight++;
+  t.equal(readsRight, reads.size, `all ${reads.size} 64 KiB READs right`);
+  let smallsRight = 0;
+  for (const [c, got] of smalls) if ((await got).equals(content.subarray(c * cs + 32 * KiB, c * cs + 36 * KiB))) smallsRight++;
+  t.equal(smallsRight, smalls.size, `all ${smalls.size} 4 KiB READs right`);
+  const after = await client.read(0, clusters * cs);
+  let writesRight = 0;
+  for (let c = 1; c < clusters; c += 2) if (after.subarray(c * cs, c * cs + 32 * KiB).equals(written(c))) writesRight++;
+  t.equal(writesRight, clusters / 2, `all ${clusters / 2} 32 KiB WRITEs landed`);
+  t.ok(after.subarray(0, cs).equals(content.subarray(0, cs)), 'and the rest is as it was');
 });
 
 t.test('NbdClient with only large READs in flight: a failed READ, then the next on the same connection', async (t) => {

@@ -156,13 +156,16 @@ export class NbdClient extends EventEmitter {
     return whole ? p.data : p.data.subarray(at, at + length);
   };
   /**
-   * When every request in flight is a large READ, the next thing the server
-   * sends is the header of a reply whose data readDestination places: read
-   * only that header, so the data is read straight into place instead of
-   * being read into the socket buffer and copied (see parserReadHooks).
+   * While a large READ is in flight, read replies a header at a time, so
+   * its data is read straight into place (readDestination) instead of into
+   * the socket buffer and copied out (see parserReadHooks). Other replies in
+   * between (a guest's WRITEs among the READs that save their clusters)
+   * then cost a read each: a syscall against a copy of the READ's data.
+   * Saving clusters for a guest with a 1 GiB buffer, the copy was 11 % of
+   * nbd-cbw's CPU profile (440 ms in 3 s), and is 2.5 % with the limit.
    */
   private readonly headerReadLimit = (): number | null => {
-    if (!this.ready || this.largeReadsPending === 0 || this.largeReadsPending !== this.pending.size) return null;
+    if (!this.ready || this.largeReadsPending === 0) return null;
     return this.structured ? WireSize.StructuredReplyHeader + 8 : WireSize.SimpleReplyHeader;
   };
   private static isLargeRead(p: Pending): boolean {
