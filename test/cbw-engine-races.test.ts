@@ -1158,6 +1158,28 @@ t.test("--buffer includes the sweep's data in flight: an eighth of it, counted i
   exact(t, r, 'target equals the point-in-time image');
 });
 
+t.test('a preallocated guest share saves a write over several clusters as one-cluster runs, the partial last one too', async (t) => {
+  const size = 4 * MiB + 512; // the last cluster holds 512 bytes
+  const r = await rig(t, { seed: 14, size, engine: { bufferBytes: 64 * MiB } });
+  r.engine.start();
+  r.engine.pause(); // only guest copies
+  r.target.block();
+  const w = await within(settle(r.filter.write(3 * r.cs + 100, Buffer.alloc(5 * r.cs, 3))), 5000, () => 'write over 6 clusters');
+  t.ok(w.ok, 'a write over 6 clusters');
+  let p = r.engine.progress();
+  t.equal(p.guestCopies, 6, 'saved as 6 runs of one cluster');
+  t.equal(p.bufferBytes, 6 * r.cs, '6 clusters held');
+  const last = await within(settle(r.filter.write(size - 10, Buffer.alloc(10, 4))), 5000, () => 'write into the last cluster');
+  t.ok(last.ok, 'a write into the partial last cluster');
+  p = r.engine.progress();
+  t.equal(p.bufferBytes, 7 * r.cs, 'the partial cluster holds a whole buffer (counted whole)');
+  r.target.unblock();
+  r.engine.resume();
+  await within(r.engine.done, 20_000, () => JSON.stringify(r.engine.progress()));
+  t.equal(r.engine.progress().bufferBytes, 0, 'all given back');
+  exact(t, r, 'target equals the point-in-time image');
+});
+
 t.test('sweepShare: which buffers include the sweep, and how much', async (t) => {
   const cs = 64 * KiB;
   t.strictSame(sweepShare(256 * MiB, 32 * MiB, 4 * MiB, cs), { bytes: 32 * MiB, inBuffer: true }, '256M: 32M (an eighth)');

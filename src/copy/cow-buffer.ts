@@ -92,6 +92,12 @@ export class CowBuffer {
   readonly background: Budget;
   /** Buffers for guest-saved runs (their bytes reserved in `ram` first). */
   readonly ramBuffers: BudgetBuffers;
+  /**
+   * The guest share was reserved whole at the start, as cluster-sized
+   * buffers (BudgetBuffers.preallocate): RAM runs are then one cluster
+   * each, and take whole clusters from it.
+   */
+  readonly ramPreallocated: boolean;
   /** Buffers for the sweep's runs (their bytes acquired from `background` first). */
   readonly backgroundBuffers: BudgetBuffers;
   /**
@@ -135,6 +141,7 @@ export class CowBuffer {
     this.ram = new Budget(opts.ramBytes);
     this.background = new Budget(opts.backgroundBytes);
     this.ramBuffers = new BudgetBuffers(this.ram);
+    this.ramPreallocated = opts.ramBytes > 0 && this.ramBuffers.preallocate(opts.clusterSize);
     this.backgroundBuffers = new BudgetBuffers(this.background);
     this.spillIn = new Budget(opts.spillInBytes);
     this.spillOut = new Budget(opts.spillOutBytes);

@@ -430,6 +430,9 @@ export class CopyEngine extends EventEmitter {
   }
 
   private guestRunClusters(): number {
+    // A preallocated guest share hands out single clusters (a guest write
+    // over several then saves them as several runs, read at once).
+    if (this.buffer.ramPreallocated) return 1;
     const cs = this.opts.clusterSize;
     let bytes = this.runBytes();
     if (this.buffer.ram.limit > 0 && !this.opts.spillDir) bytes = Math.min(bytes, this.buffer.ram.limit);
@@ -482,9 +485,12 @@ export class CopyEngine extends EventEmitter {
       this.release(task, true);
       return;
     }
+    // A preallocated guest share has whole clusters only: the disk's last,
+    // partial cluster is read into the front of one.
+    const bytes = this.buffer.ramPreallocated ? (task.end - task.first) * this.opts.clusterSize : length;
     let where: 'ram' | 'spill';
     try {
-      where = await this.buffer.reserve(length);
+      where = await this.buffer.reserve(bytes);
     } catch {
       this.release(task, true); // the buffer stopped: the job is over
       return;
@@ -493,26 +499,26 @@ export class CopyEngine extends EventEmitter {
     // last piece of it reached the target; spill runs into one that goes back
     // (with its reservation) once the run is in the spill file.
     const pool = this.buffer.buffersFor(where);
-    const pooled = pool.take(length);
+    const pooled = pool.take(bytes);
     let data: Buffer;
     try {
-      data = await this.source.read(offset, length, pooled);
+      data = await this.source.read(offset, length, bytes === length ? pooled : pooled.subarray(0, length));
     } catch (e) {
-      this.buffer.unreserve(where, length);
+      this.buffer.unreserve(where, bytes);
       pool.give(pooled);
       this.readFailed(task, e);
       return;
     }
     try {
       if (where === 'ram') {
-        const releaseFor = piecewiseRelease(pool, pooled, (n) => this.buffer.ram.release(n));
+        const releaseFor = piecewiseRelease(pool, pooled, (n) => this.buffer.ram.release(n), length);
         await this.store(task.first, data, releaseFor, null, 'ram', true);
       } else {
         try {
           await this.store(task.first, data, null, null, 'spill', true);
           pool.give(pooled); // (not after a failed spill write: it may still be in flight)
         } finally {
-          this.buffer.unreserve('spill', length);
+          this.buffer.unreserve('spill', bytes);
         }
       }
     } catch (e) {

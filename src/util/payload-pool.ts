@@ -31,9 +31,14 @@ export class PayloadPool {
       return b;
     }
     if (this.idleRoom) this.dropIdleTo(this.idleRoom());
-    const fresh = Buffer.allocUnsafeSlow(length);
+    const fresh = this.allocate(length);
     this.mine.add(fresh);
     return fresh;
+  }
+
+  /** A new buffer for take() when no idle one fits. */
+  protected allocate(length: number): Buffer {
+    return Buffer.allocUnsafeSlow(length);
   }
 
   /**
