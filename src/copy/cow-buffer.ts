@@ -154,7 +154,7 @@ export class CowBuffer {
     return (
       this.opts.ramBytes +
       (this.opts.backgroundInBuffer ? this.opts.backgroundBytes : 0) +
-      (this.hasSpill && this.opts.spillInBuffer ? this.opts.spillInBytes + this.opts.spillOutBytes : 0)
+      (this.opts.spillInBuffer ? this.opts.spillInBytes + this.opts.spillOutBytes : 0)
     );
   }
   get ramUsed(): number {
@@ -200,21 +200,21 @@ export class CowBuffer {
    * buffer from buffersFor() of the answer.
    */
   async reserve(bytes: number): Promise<'ram' | 'spill'> {
-    if (this.opts.ramBytes > 0 && this.ram.tryAcquire(bytes)) return this.noteRam('ram');
+    if (this.opts.ramBytes > 0 && this.ram.tryAcquire(bytes)) return this.noted('ram');
     if (this.hasSpill) {
       await this.spillIn.acquire(bytes);
-      return this.noteRam('spill');
+      return this.noted('spill');
     }
     this.events.fullWait();
     await this.ram.acquire(bytes);
-    return this.noteRam('ram');
+    return this.noted('ram');
   }
 
   buffersFor(where: 'ram' | 'spill'): BudgetBuffers {
     return where === 'ram' ? this.ramBuffers : this.spillInBuffers;
   }
 
-  private noteRam<W>(r: W): W {
+  private noted<W>(r: W): W {
     this.noteUse();
     return r;
   }

@@ -29,24 +29,32 @@ function latencyBucket(seconds: number): number {
   return i;
 }
 
-/** What the hot path counts for one (export, operation). */
-interface OpSlot {
-  labels: { export: string; operation: string };
+/** Latencies counted on a hot path, read by a SlotHistogram at scrape time. */
+interface LatencySlot<L> {
+  labels: L;
   requests: number;
-  bytes: number;
   seconds: number;
   /** Per bucket, not cumulative; the last entry counts what is above every bound. */
   buckets: number[];
 }
 
-/** What the cbw filter counts for one export: guest writes that waited. */
-interface WaitSlot {
-  labels: { export: string };
-  requests: number;
-  seconds: number;
-  /** As OpSlot's. */
-  buckets: number[];
+function latencySlot<L>(labels: L): LatencySlot<L> {
+  return { labels, requests: 0, seconds: 0, buckets: new Array<number>(LATENCY_BUCKETS.length + 1).fill(0) };
 }
+
+function countLatency(slot: LatencySlot<unknown>, seconds: number): void {
+  slot.requests++;
+  slot.seconds += seconds;
+  slot.buckets[latencyBucket(seconds)]++;
+}
+
+/** What the hot path counts for one (export, operation). */
+interface OpSlot extends LatencySlot<{ export: string; operation: string }> {
+  bytes: number;
+}
+
+/** What the cbw filter counts for one export: guest writes that waited. */
+type WaitSlot = LatencySlot<{ export: string }>;
 
 /** Command numbers 0..MAX_COMMAND get their own slot; others share 'unknown'. */
 const MAX_COMMAND = 15;
@@ -299,13 +307,7 @@ export class Metrics {
     const i = Number.isInteger(command) && command >= 0 && command <= MAX_COMMAND ? command : MAX_COMMAND + 1;
     let slot = slots[i];
     if (!slot) {
-      slot = {
-        labels: { export: exp, operation: commandName(i <= MAX_COMMAND ? command : -1) },
-        requests: 0,
-        bytes: 0,
-        seconds: 0,
-        buckets: new Array<number>(LATENCY_BUCKETS.length + 1).fill(0),
-      };
+      slot = { ...latencySlot({ export: exp, operation: commandName(i <= MAX_COMMAND ? command : -1) }), bytes: 0 };
       slots[i] = slot;
     }
     return slot;
@@ -343,9 +345,7 @@ export class Metrics {
       requestFinished: (exp: ExportSpec, command: number, bytes: number, seconds: number, error: number) => {
         this.inFlightByExport.set(exp.name, (this.inFlightByExport.get(exp.name) ?? 1) - 1);
         const s = this.slotFor(exp.name, command);
-        s.requests++;
-        s.seconds += seconds;
-        s.buckets[latencyBucket(seconds)]++;
+        countLatency(s, seconds);
         if (error !== 0) this.errors.labels(exp.name, commandName(command), errorName(error)).inc();
         else if (bytes > 0) s.bytes += bytes;
       },
@@ -354,12 +354,8 @@ export class Metrics {
 
   /** Watch an export's cbw filter and its backup jobs. */
   watchExport(exportName: string, filter: CbwFilter, jobs: JobManager): void {
-    let waits = this.cbwWaitSlots.get(exportName);
-    if (!waits) {
-      waits = { labels: { export: exportName }, requests: 0, seconds: 0, buckets: new Array<number>(LATENCY_BUCKETS.length + 1).fill(0) };
-      this.cbwWaitSlots.set(exportName, waits);
-    }
-    const w = waits;
+    const waits = this.cbwWaitSlots.get(exportName) ?? latencySlot({ export: exportName });
+    this.cbwWaitSlots.set(exportName, waits);
     const failures = this.cbwFailures.labels(exportName);
     // The help of nbd_cbw_backup_errors_total promises kind="cbw": a failed
     // or timed-out copy-before-write is a backup error under either policy
@@ -367,9 +363,7 @@ export class Metrics {
     const cbwErrors = this.backupErrors.labels(exportName, 'cbw');
     filter.observer = {
       guestWaited: (seconds, ok) => {
-        w.requests++;
-        w.seconds += seconds;
-        w.buckets[latencyBucket(seconds)]++;
+        countLatency(waits, seconds);
         if (!ok) {
           failures.inc();
           cbwErrors.inc();
