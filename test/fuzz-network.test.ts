@@ -26,6 +26,7 @@ import {
   MiB,
   WellBehavedClient,
   fdCount,
+  fdList,
   loadSeeds,
   probeBlockStatus,
   probeHugeOption,
@@ -59,6 +60,7 @@ t.test('network fuzz against a live nbd-cbw', async (t) => {
   t.teardown(() => srv.stop());
   const pid = srv.pid;
   const fdsBefore = fdCount(pid);
+  const fdsAtStart = fdList(pid);
   const rssBefore = rssKiB(pid);
   let rssPeak = rssBefore;
   const sampler = setInterval(() => {
@@ -171,7 +173,11 @@ t.test('network fuzz against a live nbd-cbw', async (t) => {
     const out = srv.output();
     t.notOk(CRASH_PATTERNS.test(out), 'no crash, unhandled rejection or warning in its output', { output: out.slice(-4000) });
     const fdsAfter = await settleFds(pid, fdsBefore, 2, 10_000);
-    t.ok(fdsAfter <= fdsBefore + 2, `fds back to the baseline (${fdsBefore} -> ${fdsAfter})`);
+    // On a failure, which files stayed open (and which were open at the start).
+    t.ok(fdsAfter <= fdsBefore + 2, `fds back to the baseline (${fdsBefore} -> ${fdsAfter})`, {
+      fdsAtStart,
+      fdsNow: fdList(pid),
+    });
     const rssNow = rssKiB(pid);
     t.comment(`RSS: ${rssBefore} KiB at start, peak ${rssPeak} KiB, now ${rssNow} KiB`);
     t.ok(rssPeak < RSS_LIMIT_KIB, `RSS stayed under ${RSS_LIMIT_KIB / 1024} MiB (peak ${Math.round(rssPeak / 1024)} MiB)`);
