@@ -15,6 +15,7 @@
 
 import { NbdError } from '../nbd-protocol/constants';
 import type { CopyEngine } from '../copy/engine';
+import { Deferred } from '../copy/sync';
 import {
   DeviceError,
   type BlockDevice,
@@ -40,7 +41,14 @@ export interface CbwObserver {
 export class CbwFilter implements BlockDevice {
   private engine: CopyEngine | null = null;
   private settings: CbwSettings = { policy: 'break-snapshot', timeoutMs: 5000 };
-  private readonly forwarded = new Set<Promise<unknown>>();
+  /**
+   * Writes forwarded to the source and not finished. A count, not a set of
+   * them: a Set with this churn promotes everything put in it (see
+   * util/churn-tables).
+   */
+  private forwarded = 0;
+  /** Resolved when `forwarded` next reaches zero: the point in time of an attach. */
+  private drained: Deferred | null = null;
   private barrier: Promise<void> | null = null;
   observer: CbwObserver | null = null;
 
@@ -71,8 +79,10 @@ export class CbwFilter implements BlockDevice {
     if (this.engine?.isIntercepting) throw new Error('a backup job is already attached to this export');
     this.engine = engine;
     this.settings = settings;
-    const before = [...this.forwarded];
-    const barrier = Promise.allSettled(before).then(() => undefined);
+    // New writes wait for the barrier, so the count only falls until then.
+    // A write that was waiting on an earlier engine and goes on meanwhile is
+    // counted too, and so lands before the point in time.
+    const barrier = this.forwarded === 0 ? Promise.resolve() : (this.drained ??= new Deferred()).promise;
     this.barrier = barrier;
     await barrier;
     if (this.barrier === barrier) this.barrier = null;
@@ -114,11 +124,18 @@ export class CbwFilter implements BlockDevice {
   }
 
   private track<T>(p: Promise<T>): Promise<T> {
-    this.forwarded.add(p);
-    const done = () => this.forwarded.delete(p);
-    p.then(done, done);
+    this.forwarded++;
+    p.then(this.untrack, this.untrack);
     return p;
   }
+
+  private readonly untrack = (): void => {
+    if (--this.forwarded === 0 && this.drained) {
+      const d = this.drained;
+      this.drained = null;
+      d.resolve();
+    }
+  };
 
   read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
     return this.next.read(offset, length, into);

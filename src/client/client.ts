@@ -45,6 +45,7 @@ import { DIRECT_READ_MIN, parserReadHooks } from '../util/socket-reads';
 import { DeviceError } from '../device/types';
 import type { NbdAddress } from './uri';
 import { clientTlsFor, formatNbdUri } from './uri';
+import { SlotTable } from '../util/churn-tables';
 
 export interface NbdClientOptions {
   /** Requests on the wire at once (qemu uses 16). */
@@ -67,6 +68,9 @@ export class ConnectionLostError extends DeviceError {
 }
 
 interface Pending {
+  /** Sent as the request's cookie: the slot in the low 16 bits, a sequence number above. */
+  cookie: bigint;
+  slot: number;
   command: number;
   offset: number;
   length: number;
@@ -81,6 +85,11 @@ interface Pending {
 type HandshakeWaiter = (msg: ServerMessage | Error) => void;
 
 const noop = (): void => undefined;
+
+/** Request slots per connection, and so the most requests in flight: the cookie's low 16 bits. */
+const COOKIE_SLOTS = 0x10000;
+/** Cookies stay below 2^52, exact as numbers. */
+const COOKIE_SEQ_WRAP = 2 ** 36;
 
 /** What a reply settles a request with: READ data, block-status extents, or null. */
 type ReplyValue = Buffer | Extent[] | null;
@@ -97,10 +106,11 @@ export class NbdClient extends EventEmitter {
 
   private socket: net.Socket;
   private readonly parser: ServerStreamParser;
-  private readonly pending = new Map<bigint, Pending>();
+  /** Requests in flight, in the slot their cookie names (not a Map: see util/churn-tables). */
+  private readonly pending: SlotTable<Pending>;
+  private cookieSeq = 0;
   /** Pending READs whose data can go straight to its destination (see headerReadLimit). */
   private largeReadsPending = 0;
-  private nextCookie = 1n;
   private inFlight = 0;
   private readonly slotWaiters: Array<() => void> = [];
   private readonly maxInFlight: number;
@@ -116,9 +126,13 @@ export class NbdClient extends EventEmitter {
     super();
     this.uri = formatNbdUri(addr);
     this.maxInFlight = opts.maxInFlight ?? 64;
+    if (!(this.maxInFlight >= 1 && this.maxInFlight <= COOKIE_SLOTS)) {
+      throw new RangeError(`maxInFlight must be 1..${COOKIE_SLOTS}, not ${this.maxInFlight}`);
+    }
+    this.pending = new SlotTable<Pending>(this.maxInFlight);
     this.parser = new ServerStreamParser({
       readLengthOf: (cookie) => {
-        const p = this.pending.get(cookie);
+        const p = this.lookup(cookie);
         return p && p.command === Command.Read ? p.length : 0;
       },
       readInto: this.readDestination,
@@ -146,7 +160,7 @@ export class NbdClient extends EventEmitter {
    * socket's read buffer.
    */
   private readonly readDestination = (cookie: bigint, offset: number | null, length: number): Buffer | null => {
-    const p = this.pending.get(cookie);
+    const p = this.lookup(cookie);
     if (!p || p.command !== Command.Read) return null;
     const at = offset === null ? 0 : offset - p.offset;
     if (at < 0 || at + length > p.length) return null; // onChunk reports the violation
@@ -171,8 +185,14 @@ export class NbdClient extends EventEmitter {
   private static isLargeRead(p: Pending): boolean {
     return p.command === Command.Read && p.length >= DIRECT_READ_MIN;
   }
-  private forget(cookie: bigint, p: Pending): void {
-    this.pending.delete(cookie);
+  /** The request a cookie from the server names, if it is one in flight. */
+  private lookup(cookie: bigint): Pending | undefined {
+    // Number() of a cookie past 2^53 rounds; the comparison catches it.
+    const p = this.pending.get(Number(cookie) % COOKIE_SLOTS);
+    return p !== undefined && p.cookie === cookie ? p : undefined;
+  }
+  private forget(p: Pending): void {
+    this.pending.remove(p.slot);
     if (NbdClient.isLargeRead(p)) this.largeReadsPending--;
     this.inFlight--;
     this.slotWaiters.shift()?.();
@@ -402,7 +422,18 @@ export class NbdClient extends EventEmitter {
     payload: RequestPayload,
     into: Buffer | null,
   ): Promise<ReplyValue> {
-    const p: Pending = { command, offset, length, resolve: noop, reject: noop, data: into, extents: null, error: null };
+    const p: Pending = {
+      cookie: 0n,
+      slot: -1,
+      command,
+      offset,
+      length,
+      resolve: noop,
+      reject: noop,
+      data: into,
+      extents: null,
+      error: null,
+    };
     if (this.inFlight >= this.maxInFlight || this.closedError) return this.sendAfterSlot(p, flags, payload);
     return this.send(p, flags, payload);
   }
@@ -415,12 +446,16 @@ export class NbdClient extends EventEmitter {
 
   /** The slot is taken here and given back when the reply is complete (forget) or the connection fails. */
   private send(p: Pending, flags: number, payload: RequestPayload): Promise<ReplyValue> {
-    const cookie = this.nextCookie++;
+    const slot = this.pending.insert(p);
+    if (slot < 0) return Promise.reject(new Error(`${this.uri}: internal error: no request slot free`));
+    p.slot = slot;
+    p.cookie = BigInt(this.cookieSeq * COOKIE_SLOTS + slot);
+    this.cookieSeq = (this.cookieSeq + 1) % COOKIE_SEQ_WRAP;
+    const cookie = p.cookie;
     this.inFlight++;
     return new Promise<ReplyValue>((resolve, reject) => {
       p.resolve = resolve;
       p.reject = reject;
-      this.pending.set(cookie, p);
       if (NbdClient.isLargeRead(p)) this.largeReadsPending++;
       const header = build.requestHeader(flags, p.command, cookie, p.offset, p.length);
       corkForTick(this.socket);
@@ -433,9 +468,9 @@ export class NbdClient extends EventEmitter {
   }
 
   private onSimpleReply(cookie: bigint, error: number, data: Buffer | null): void {
-    const p = this.pending.get(cookie);
+    const p = this.lookup(cookie);
     if (!p) return this.protocolViolation(`reply to unknown cookie ${cookie}`);
-    this.forget(cookie, p);
+    this.forget(p);
     if (error !== 0) return p.reject(new DeviceError(error, `${this.uri}: ${errorName(error)}`));
     if (p.command === Command.Read) {
       if (p.data && data && data !== p.data) data.copy(p.data, 0, 0, p.length);
@@ -445,7 +480,7 @@ export class NbdClient extends EventEmitter {
   }
 
   private onChunk(cookie: bigint, flags: number, type: number, payload: Buffer): void {
-    const p = this.pending.get(cookie);
+    const p = this.lookup(cookie);
     if (!p) return this.protocolViolation(`chunk for unknown cookie ${cookie}`);
     if (type === ReplyType.OffsetData) {
       const d = decodeOffsetData(payload);
@@ -481,19 +516,19 @@ export class NbdClient extends EventEmitter {
     } else if (type !== ReplyType.None) {
       // Unknown non-error chunk types are to be ignored per the spec.
     }
-    this.chunkDone(cookie, p, flags);
+    this.chunkDone(p, flags);
   }
 
   /** An OFFSET_DATA chunk the parser already copied into p.data. */
   private onDataDelivered(cookie: bigint, flags: number): void {
-    const p = this.pending.get(cookie);
+    const p = this.lookup(cookie);
     if (!p) return this.protocolViolation(`chunk for unknown cookie ${cookie}`);
-    this.chunkDone(cookie, p, flags);
+    this.chunkDone(p, flags);
   }
 
-  private chunkDone(cookie: bigint, p: Pending, flags: number): void {
+  private chunkDone(p: Pending, flags: number): void {
     if ((flags & ReplyFlag.Done) === 0) return;
-    this.forget(cookie, p);
+    this.forget(p);
     if (p.error) return p.reject(p.error);
     if (p.command === Command.Read) {
       if (!p.data) this.ownedReadBuffer(p); // zero-length, or answered only with NONE
@@ -553,7 +588,8 @@ export class NbdClient extends EventEmitter {
     if (this.closedError) return;
     if (this.ready) {
       while (this.inFlight > 0 && !this.closedError) await new Promise((r) => setTimeout(r, 1));
-      if (!this.closedError) this.socket.write(build.requestHeader(0, Command.Disc, this.nextCookie++, 0, 0));
+      // No reply comes to DISC: its cookie names no request.
+      if (!this.closedError) this.socket.write(build.requestHeader(0, Command.Disc, 0n, 0, 0));
     }
     await new Promise<void>((resolve) => {
       if (this.socket.destroyed) return resolve();
