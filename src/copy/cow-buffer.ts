@@ -23,6 +23,7 @@ import path from 'node:path';
 import { loadFileOps } from '../device/native';
 import type { BackupTarget } from '../targets/types';
 import { settleAll } from '../util/settle';
+import { IntKeyMap, InsertionQueue } from '../util/churn-tables';
 import { Budget, BudgetBuffers, Deferred, backoffMs, sleep } from './sync';
 
 export interface BufferedRun {
@@ -38,6 +39,9 @@ export interface BufferedRun {
   written: (() => void) | null;
   /** Saved for a guest write: written before background runs. */
   urgent: boolean;
+  /** Places in the two queues (InsertionQueue). */
+  queuePos: number;
+  urgentPos: number;
 }
 
 export interface RunToAdd {
@@ -112,15 +116,20 @@ export class CowBuffer {
   /** Buffers for guest-saved runs going into the spill file (bytes acquired from `spillIn` first). */
   readonly spillInBuffers: BudgetBuffers;
   private readonly spillOutBuffers: BudgetBuffers;
-  private readonly queue = new Set<BufferedRun>();
+  // Queues and indexes of runs are not Sets and Maps: with a run added and
+  // removed per cluster saved, those would promote every run and table they
+  // ever held (see util/churn-tables).
+  private readonly queue = new InsertionQueue<'queuePos', BufferedRun>('queuePos');
   /**
    * The guest-saved subset of `queue`: written first, so a guest waiting on
    * the target (--buffer 0) or for room in RAM is not stuck behind the
    * background sweep's data (seed 003's priority for awaited clusters).
    */
-  private readonly urgentQueue = new Set<BufferedRun>();
-  private readonly byStart = new Map<number, BufferedRun>();
-  private readonly byEnd = new Map<number, BufferedRun>();
+  private readonly urgentQueue = new InsertionQueue<'urgentPos', BufferedRun>('urgentPos');
+  /** Queued runs by their first cluster (keyOf(offset)). */
+  private readonly byStart = new IntKeyMap<BufferedRun>();
+  /** Queued runs by the cluster after their last (keyOf(offset + length)). */
+  private readonly byEnd = new IntKeyMap<BufferedRun>();
   private activeWriters = 0;
   private spillFd: number | null = null;
   private spillNextSlot = 0;
@@ -247,6 +256,8 @@ export class CowBuffer {
       release: r.release ?? null,
       written: r.written ?? null,
       urgent: !!r.urgent,
+      queuePos: -1,
+      urgentPos: -1,
     };
     if (run.where === 'spill') {
       run.slots = await this.spillWrite(run.data as Buffer);
@@ -262,8 +273,8 @@ export class CowBuffer {
     }
     this.queue.add(run);
     if (run.urgent) this.urgentQueue.add(run);
-    this.byStart.set(run.offset, run);
-    this.byEnd.set(run.offset + run.length, run);
+    this.byStart.set(this.keyOf(run.offset), run);
+    this.byEnd.set(this.keyOf(run.offset + run.length), run);
     this.pump();
   }
 
@@ -282,33 +293,33 @@ export class CowBuffer {
       r.written === null &&
       r.urgent === run.urgent &&
       r.length + extra <= this.opts.maxWrite;
-    const before = this.byEnd.get(run.offset);
+    const before = this.byEnd.get(this.keyOf(run.offset));
     if (canJoin(before, run.length) && before.length % this.opts.clusterSize === 0) {
       // Only a whole-cluster run takes one after it (slot i holds bytes
       // from i * clusterSize on).
       // Slots join in place (a new array per join was a copy of up to 64
       // slots each time, for a run that grows one cluster at a time).
-      this.byEnd.delete(before.offset + before.length);
+      this.byEnd.delete(this.keyOf(before.offset + before.length));
       before.length += run.length;
       const slots = before.slots as number[];
       for (const slot of run.slots as number[]) slots.push(slot);
       // `run` may close the gap to the next run: that one joins too.
-      const next = this.byStart.get(before.offset + before.length);
+      const next = this.byStart.get(this.keyOf(before.offset + before.length));
       if (next !== before && canJoin(next, before.length) && run.length % this.opts.clusterSize === 0) {
         this.unqueue(next);
         before.length += next.length;
         for (const slot of next.slots as number[]) slots.push(slot);
       }
-      this.byEnd.set(before.offset + before.length, before);
+      this.byEnd.set(this.keyOf(before.offset + before.length), before);
       return true;
     }
-    const after = this.byStart.get(run.offset + run.length);
+    const after = this.byStart.get(this.keyOf(run.offset + run.length));
     if (canJoin(after, run.length) && run.length % this.opts.clusterSize === 0) {
-      this.byStart.delete(after.offset);
+      this.byStart.delete(this.keyOf(after.offset));
       after.offset = run.offset;
       after.length += run.length;
       (after.slots as number[]).unshift(...(run.slots as number[]));
-      this.byStart.set(after.offset, after);
+      this.byStart.set(this.keyOf(after.offset), after);
       return true;
     }
     return false;
@@ -357,21 +368,7 @@ export class CowBuffer {
 
   /** The oldest queued run plus its queued neighbours on both sides. */
   private takeGroup(): BufferedRun[] | null {
-    let first: BufferedRun | null = null;
-    for (const r of this.urgentQueue) {
-      if (!r.writing) {
-        first = r;
-        break;
-      }
-    }
-    if (!first) {
-      for (const r of this.queue) {
-        if (!r.writing) {
-          first = r;
-          break;
-        }
-      }
-    }
+    const first = this.urgentQueue.find(this.notWriting) ?? this.queue.find(this.notWriting);
     if (!first) return null;
     const zero = first.where === 'zero';
     const fits = (r: BufferedRun | undefined, total: number): r is BufferedRun =>
@@ -379,12 +376,20 @@ export class CowBuffer {
     const group = [first];
     let total = first.length;
     first.writing = true;
-    for (let prev = this.byEnd.get(first.offset); fits(prev, total); prev = this.byEnd.get(prev.offset)) {
+    for (
+      let prev = this.byEnd.get(this.keyOf(first.offset));
+      fits(prev, total);
+      prev = this.byEnd.get(this.keyOf(prev.offset))
+    ) {
       prev.writing = true;
       group.unshift(prev);
       total += prev.length;
     }
-    for (let next = this.byStart.get(first.offset + first.length); fits(next, total); next = this.byStart.get(next.offset + next.length)) {
+    for (
+      let next = this.byStart.get(this.keyOf(first.offset + first.length));
+      fits(next, total);
+      next = this.byStart.get(this.keyOf(next.offset + next.length))
+    ) {
       next.writing = true;
       group.push(next);
       total += next.length;
@@ -421,11 +426,22 @@ export class CowBuffer {
     }
   }
 
+  private readonly notWriting = (r: BufferedRun): boolean => !r.writing;
+
+  /**
+   * The index key of a run boundary: its cluster. Runs start on cluster
+   * boundaries and end on one, except at the end of the disk, which
+   * rounds up to a cluster no run starts at.
+   */
+  private keyOf(offset: number): number {
+    return Math.ceil(offset / this.opts.clusterSize);
+  }
+
   private unqueue(r: BufferedRun): void {
     this.queue.delete(r);
     this.urgentQueue.delete(r);
-    this.byStart.delete(r.offset);
-    this.byEnd.delete(r.offset + r.length);
+    this.byStart.delete(this.keyOf(r.offset));
+    this.byEnd.delete(this.keyOf(r.offset + r.length));
   }
 
   /**

@@ -24,6 +24,7 @@ import type { BackupTarget } from '../targets/types';
 import { ClusterBitmap } from './bitmap';
 import { CowBuffer } from './cow-buffer';
 import type { PayloadPool } from '../util/payload-pool';
+import { IntKeyMap } from '../util/churn-tables';
 import { Budget, Deferred, RateLimiter, backoffMs, sleep } from './sync';
 
 export interface CopyEngineOptions {
@@ -157,7 +158,7 @@ interface Task {
 export class CopyEngine extends EventEmitter {
   readonly clusters: number;
   private readonly toCopy: ClusterBitmap;
-  private readonly reading = new Map<number, Task>();
+  private readonly reading = new IntKeyMap<Task>();
   private readonly buffer: CowBuffer;
   private readonly sweepBudget: Budget;
   /** Clusters the sweep reads at once. */
