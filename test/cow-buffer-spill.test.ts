@@ -116,3 +116,59 @@ for (const [maxClusters, mostRuns] of [
     buffer.stop(new Error('test over'));
   });
 }
+
+/** Open descriptors of this process on spill files in `dir` (unlinked at once, so "(deleted)"). */
+function openSpillFiles(dir: string): string[] {
+  const out: string[] = [];
+  for (const fd of fs.readdirSync('/proc/self/fd')) {
+    try {
+      const to = fs.readlinkSync(`/proc/self/fd/${fd}`);
+      if (to.startsWith(path.join(dir, 'nbd-cbw-spill-'))) out.push(to);
+    } catch {
+      // closed meanwhile (the readdir's own descriptor)
+    }
+  }
+  return out;
+}
+
+t.test('stopping with runs still spilled closes the spill file and counts nothing spilled', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbw-spill-test-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const clusters = 64;
+  const target = new GatedTarget(clusters * CS); // never released: everything stays queued
+  const buffer = new CowBuffer(
+    target,
+    {
+      ramBytes: 0,
+      backgroundBytes: 0,
+      backgroundInBuffer: false,
+      spillDir: dir,
+      spillInBytes: 4 * CS,
+      spillOutBytes: 4 * CS,
+      spillInBuffer: false,
+      clusterSize: CS,
+      maxWrite: 4 * CS,
+      writers: 2,
+      retryAttempts: 1,
+      retryBaseMs: 1,
+      retryMaxMs: 1,
+    },
+    { written: () => undefined, retry: () => undefined, fatal: () => undefined, fullWait: () => undefined },
+  );
+  const adds: Promise<void>[] = [];
+  // Every other cluster, so the runs cannot join: 32 queued runs.
+  for (let c = 0; c < clusters; c += 2) {
+    adds.push(buffer.add({ offset: c * CS, length: CS, where: 'spill', data: pattern(c * CS, CS), urgent: true }));
+  }
+  await Promise.all(adds);
+  t.equal(buffer.spillBytes, (clusters / 2) * CS, 'the runs are in the spill file');
+  t.equal(openSpillFiles(dir).length, 1, 'one spill file is open');
+  buffer.stop(new Error('cancelled'));
+  t.equal(buffer.spillBytes, 0, 'nothing counts as spilled once stopped');
+  t.equal(buffer.queuedRuns, 0, 'no run left queued');
+  // The target writes still at the gate hold spill reads; the file closes
+  // when the last operation on it has settled.
+  target.release();
+  for (let i = 0; i < 100 && openSpillFiles(dir).length > 0; i++) await new Promise((r) => setTimeout(r, 20));
+  t.equal(openSpillFiles(dir).length, 0, 'the spill file is closed');
+});
