@@ -53,6 +53,35 @@ function pattern(offset: number, length: number): Buffer {
   return b;
 }
 
+/** A buffer with no RAM, only a spill file in `dir`; runs and writes of up to `maxClusters`. */
+function spillOnlyBuffer(
+  target: BackupTarget,
+  dir: string,
+  maxClusters: number,
+  writers: number,
+  fatal: (e: Error) => void,
+): CowBuffer {
+  return new CowBuffer(
+    target,
+    {
+      ramBytes: 0,
+      backgroundBytes: 0,
+      backgroundInBuffer: false,
+      spillDir: dir,
+      spillInBytes: maxClusters * CS,
+      spillOutBytes: maxClusters * CS,
+      spillInBuffer: false,
+      clusterSize: CS,
+      maxWrite: maxClusters * CS,
+      writers,
+      retryAttempts: 1,
+      retryBaseMs: 1,
+      retryMaxMs: 1,
+    },
+    { written: () => undefined, retry: () => undefined, fatal, fullWait: () => undefined },
+  );
+}
+
 for (const [maxClusters, mostRuns] of [
   [64, 3],
   [4, 20],
@@ -64,25 +93,7 @@ for (const [maxClusters, mostRuns] of [
     // The disk ends in a partial cluster, which can join the run before it.
     const size = clusters * CS - 512;
     const target = new GatedTarget(size);
-    const buffer = new CowBuffer(
-      target,
-      {
-        ramBytes: 0,
-        backgroundBytes: 0,
-        backgroundInBuffer: false,
-        spillDir: dir,
-        spillInBytes: maxClusters * CS,
-        spillOutBytes: maxClusters * CS,
-        spillInBuffer: false,
-        clusterSize: CS,
-        maxWrite: maxClusters * CS,
-        writers: 1,
-        retryAttempts: 1,
-        retryBaseMs: 1,
-        retryMaxMs: 1,
-      },
-      { written: () => undefined, retry: () => undefined, fatal: (e) => t.fail(e.message), fullWait: () => undefined },
-    );
+    const buffer = spillOnlyBuffer(target, dir, maxClusters, 1, (e) => t.fail(e.message));
     t.equal(await buffer.reserve(CS), 'spill', 'no RAM: runs go to the spill file');
 
     // Clusters 0-39 in a shuffled order, one run each (the last one partial);
@@ -136,25 +147,7 @@ t.test('stopping with runs still spilled closes the spill file and counts nothin
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const clusters = 64;
   const target = new GatedTarget(clusters * CS); // never released: everything stays queued
-  const buffer = new CowBuffer(
-    target,
-    {
-      ramBytes: 0,
-      backgroundBytes: 0,
-      backgroundInBuffer: false,
-      spillDir: dir,
-      spillInBytes: 4 * CS,
-      spillOutBytes: 4 * CS,
-      spillInBuffer: false,
-      clusterSize: CS,
-      maxWrite: 4 * CS,
-      writers: 2,
-      retryAttempts: 1,
-      retryBaseMs: 1,
-      retryMaxMs: 1,
-    },
-    { written: () => undefined, retry: () => undefined, fatal: () => undefined, fullWait: () => undefined },
-  );
+  const buffer = spillOnlyBuffer(target, dir, 4, 2, () => undefined);
   const adds: Promise<void>[] = [];
   // Every other cluster, so the runs cannot join: 32 queued runs.
   for (let c = 0; c < clusters; c += 2) {
