@@ -49,6 +49,7 @@ import {
   type JobJson,
 } from './helpers/cbw';
 import { mulberry32 } from './helpers/peers';
+import { NbdTarget } from '../src/targets/nbd';
 
 const SIZE = 64 * MiB;
 
@@ -380,6 +381,25 @@ t.test('an NBD target whose block status says all zero gets no write-zeroes; a u
       .filter((l) => / Zero id=\d+ offset=/.test(l)).length;
     if (used) t.ok(zeroes > 0, `used target: zero ranges were written as zeroes (${zeroes} log lines)`);
     else t.equal(zeroes, 0, 'fresh target: reads as zero, so no write-zeroes at all');
+  }
+});
+
+t.test('a target past one block-status request reads as zero only if every part of it does', async (t) => {
+  // 40 GiB: ten 4 GiB requests, asked several at a time (targets/nbd.ts).
+  const size = 40 * 1024 * MiB;
+  for (const at of [null, 0, 21 * 1024 * MiB + 12345, size - 512]) {
+    const target = await memoryTarget(t, [], [], size);
+    if (at !== null) {
+      const w = await qemuIo(target.uri, [`write -P 0x7 ${at} 512`]);
+      t.equal(w.code, 0, `wrote 512 bytes at ${at}`);
+    }
+    const opened = await NbdTarget.open(target.uri, { size });
+    t.equal(
+      opened.readsAsZero,
+      at === null,
+      at === null ? 'a fresh 40 GiB target reads as zero' : `512 bytes at ${at}: does not read as zero`,
+    );
+    await opened.close();
   }
 });
 
