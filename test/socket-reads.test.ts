@@ -17,12 +17,20 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import t, { type Test } from 'tap';
-import { adoptWithReadHooks, parserReadHooks } from '../src/util/socket-reads';
+import { adoptWithReadHooks, parserReadHooks, slabReadHooks } from '../src/util/socket-reads';
 import { FileDevice } from '../src/device/file';
 import { NbdServer } from '../src/server/server';
 import { NbdClient } from '../src/client/client';
-import { ServerStreamParser, type ServerMessage } from '../src/nbd-protocol';
-import { fillPattern, fillRandom, run, startNbdkit, startQemuNbd, tmpPath } from './helpers/peers';
+import {
+  ClientStreamParser,
+  Command,
+  ServerStreamParser,
+  build,
+  type ClientMessage,
+  type RequestMessage,
+  type ServerMessage,
+} from '../src/nbd-protocol';
+import { fillPattern, fillRandom, mulberry32, run, startNbdkit, startQemuNbd, tmpPath } from './helpers/peers';
 
 function tmpSocket(t: Test): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-cbw-adopt-'));
@@ -401,4 +409,84 @@ t.test('NbdClient with only large READs in flight: a failed READ, then the next 
   const [a, b] = await Promise.all([client.read(0, MiB), client.read(3 * MiB, 4 * MiB)]);
   t.ok(a.equals(expect(0, MiB)), 'the connection is still in step: 1 MiB READ right');
   t.ok(b.equals(expect(3 * MiB, 4 * MiB)), '4 MiB READ right');
+});
+
+// ------------------------------------------------------ read slabs
+
+t.test('read slabs: WRITE payloads stay intact as views until released, however reads and releases interleave', async (t) => {
+  const rand = mulberry32(4242);
+  const parser = new ClientStreamParser({ maxPayload: 32 * 1024 * 1024 });
+  parser.phase = 'transmission';
+  parser.inputReused = true;
+  const got: RequestMessage[] = [];
+  const hooks = slabReadHooks(parser, (m: ClientMessage) => {
+    if (m.type === 'request') got.push(m);
+  });
+  // 400 WRITEs of 1 byte to 40 KiB, each payload filled from its cookie.
+  const payloadOf = (cookie: number, length: number) => {
+    const b = Buffer.alloc(length);
+    for (let i = 0; i < length; i++) b[i] = (cookie * 31 + i * 7) & 0xff;
+    return b;
+  };
+  const parts: Buffer[] = [];
+  for (let cookie = 0; cookie < 400; cookie++) {
+    const length = 1 + (rand() % (40 * 1024));
+    parts.push(build.requestHeader(0, Command.Write, BigInt(cookie), cookie * 65536, length), payloadOf(cookie, length));
+  }
+  const stream = Buffer.concat(parts);
+  const held: RequestMessage[] = [];
+  let views = 0;
+  let corrupt = 0;
+  const intact = (m: RequestMessage) => (m.payload as Buffer).equals(payloadOf(Number(m.cookie), m.length));
+  const release = (m: RequestMessage) => {
+    if (!intact(m)) corrupt++;
+    if (hooks.release(m.payload as Buffer)) views++;
+  };
+  for (let at = 0; at < stream.length; ) {
+    const buf = hooks.buffer();
+    // What a unix socket would hand over: up to 200 KiB, often less.
+    const n = Math.min(buf.length, 1 + (rand() % (200 * 1024)), stream.length - at);
+    stream.copy(buf, 0, at, at + n);
+    hooks.callback(n, buf);
+    at += n;
+    for (const m of got.splice(0)) {
+      if (!intact(m)) corrupt++;
+      held.push(m);
+    }
+    // Requests finish in any order; up to 24 stay in flight.
+    while (held.length > 24 || (held.length > 0 && rand() % 3 === 0)) release(held.splice(rand() % held.length, 1)[0]);
+  }
+  for (const m of held.splice(0)) release(m);
+  t.equal(corrupt, 0, 'every payload held its bytes from arrival to release');
+  // The rest arrived split across reads, or while 4 slabs were pinned:
+  // those are copies.
+  t.ok(views >= 100, `payloads handed out as views of a slab, not copies: ${views} of 400`);
+});
+
+t.test('read slabs: with many payloads held, the rest are copied out (a few slabs pinned at most)', async (t) => {
+  const parser = new ClientStreamParser({ maxPayload: 32 * 1024 * 1024 });
+  parser.phase = 'transmission';
+  parser.inputReused = true;
+  const got: RequestMessage[] = [];
+  const hooks = slabReadHooks(parser, (m: ClientMessage) => {
+    if (m.type === 'request') got.push(m);
+  });
+  // 100 WRITEs of 60 KiB, each read alone, none released.
+  for (let cookie = 0; cookie < 100; cookie++) {
+    const msg = Buffer.concat([
+      build.requestHeader(0, Command.Write, BigInt(cookie), 0, 60 * 1024),
+      Buffer.alloc(60 * 1024, cookie),
+    ]);
+    const buf = hooks.buffer();
+    t.ok(buf.length >= msg.length, 'a read has room for a whole request');
+    msg.copy(buf);
+    hooks.callback(msg.length, buf);
+  }
+  t.equal(got.length, 100);
+  t.ok(
+    got.every((m) => (m.payload as Buffer).equals(Buffer.alloc(60 * 1024, Number(m.cookie)))),
+    'every payload intact',
+  );
+  const slabs = new Set(got.filter((m) => hooks.release(m.payload as Buffer)).map((m) => (m.payload as Buffer).buffer));
+  t.ok(slabs.size >= 1 && slabs.size <= 5, `views sat in ${slabs.size} slabs (at most 4 pinned plus the current one)`);
 });

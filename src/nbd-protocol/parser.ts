@@ -50,6 +50,14 @@ abstract class IncrementalParser<M extends { type: string }> {
    * payloads are always copied out, never handed out as views of the input.
    */
   inputReused = false;
+  /**
+   * With inputReused: hands out a payload that arrived whole as a view of
+   * the input after all, when the caller keeps that part of its buffer until
+   * the payload is given back (see socket-reads' read slabs); null means
+   * copy it out as usual. Only for payloads the parser marks viewable
+   * (WRITE data).
+   */
+  viewOfInput: ((buf: Buffer, start: number, length: number) => Buffer | null) | null = null;
 
   get isDead(): boolean {
     return this.dead;
@@ -135,14 +143,18 @@ abstract class IncrementalParser<M extends { type: string }> {
     emit: (msg: M) => void,
     finish: (payload: Buffer | null) => M,
     alloc: (length: number) => Buffer = Buffer.allocUnsafe,
+    viewable = false,
   ): number {
     const start = pos + headerLen;
     const avail = buf.length - start;
     if (avail >= payloadLen) {
       let payload: Buffer | null = null;
       if (keep && this.inputReused) {
-        payload = alloc(payloadLen);
-        buf.copy(payload, 0, start, start + payloadLen);
+        payload = viewable && this.viewOfInput ? this.viewOfInput(buf, start, payloadLen) : null;
+        if (payload === null) {
+          payload = alloc(payloadLen);
+          buf.copy(payload, 0, start, start + payloadLen);
+        }
       } else if (keep) payload = buf.subarray(start, start + payloadLen);
       emit(finish(payload));
       return headerLen + payloadLen;
@@ -270,7 +282,7 @@ export class ClientStreamParser extends IncrementalParser<ClientMessage> {
           length,
           payload,
           payloadSkipped: !keep,
-        }), this.allocWritePayload);
+        }), this.allocWritePayload, true);
       }
     }
   }

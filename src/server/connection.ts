@@ -36,7 +36,7 @@ import {
   type RequestMessage,
 } from '../nbd-protocol';
 import { corkForTick } from '../util/cork';
-import { adoptWithReadHooks, parserReadHooks } from '../util/socket-reads';
+import { adoptWithReadHooks, slabReadHooks, type SlabReadHooks } from '../util/socket-reads';
 import { PayloadPool } from '../util/payload-pool';
 import { DeviceError, type BlockDevice, type Extent } from '../device/types';
 
@@ -131,6 +131,8 @@ export class NbdConnection {
   private readonly onClose = () => this.closed();
   private readonly onDrain = () => this.updateFlow();
   private socket: Socket;
+  /** Reads go into slabs: WRITE payloads may be views of one, given back with release(). */
+  private readSlabs: SlabReadHooks | null = null;
 
   constructor(
     socket: Socket,
@@ -138,10 +140,12 @@ export class NbdConnection {
   ) {
     this.socket = socket;
     if (opts.reuseReadBuffer && !opts.tls) {
-      const adopted = adoptWithReadHooks(socket, parserReadHooks(this.parser, this.handle), true);
+      const hooks = slabReadHooks(this.parser, this.handle);
+      const adopted = adoptWithReadHooks(socket, hooks, true);
       if (adopted) {
         this.socket = adopted;
         this.parser.inputReused = true;
+        this.readSlabs = hooks;
       } else if (!warnedOrdinaryReads) {
         warnedOrdinaryReads = true;
         opts.log?.('guest sockets read into fresh buffers: this Node.js did not let nbd-cbw choose them (slower, more garbage)');
@@ -505,7 +509,7 @@ export class NbdConnection {
       this.inFlightBytes -= cost;
       // The device is done with the payload (a source acknowledges a write
       // only after receiving all of it): an assembled one can be reused.
-      if (msg.payload) writePayloads.give(msg.payload);
+      if (msg.payload && !this.readSlabs?.release(msg.payload)) writePayloads.give(msg.payload);
       const seconds = Number(process.hrtime.bigint() - started) / 1e9;
       this.opts.observer?.requestFinished?.(exp, msg.command, bytes, seconds, error);
       this.updateFlow();
