@@ -17,7 +17,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import t, { type Test } from 'tap';
-import { adoptWithReadHooks, parserReadHooks, slabReadHooks } from '../src/util/socket-reads';
+import { adoptWithReadHooks, parserReadHooks, slabReadHooks, type SlabReadHooks } from '../src/util/socket-reads';
 import { FileDevice } from '../src/device/file';
 import { NbdServer } from '../src/server/server';
 import { NbdClient } from '../src/client/client';
@@ -413,8 +413,8 @@ t.test('NbdClient with only large READs in flight: a failed READ, then the next 
 
 // ------------------------------------------------------ read slabs
 
-t.test('read slabs: WRITE payloads stay intact as views until released, however reads and releases interleave', async (t) => {
-  const rand = mulberry32(4242);
+/** A server-side parser in transmission, fed through slab read hooks; its requests land in `got`. */
+function slabFedParser(): { hooks: SlabReadHooks; got: RequestMessage[] } {
   const parser = new ClientStreamParser({ maxPayload: 32 * 1024 * 1024 });
   parser.phase = 'transmission';
   parser.inputReused = true;
@@ -422,6 +422,12 @@ t.test('read slabs: WRITE payloads stay intact as views until released, however 
   const hooks = slabReadHooks(parser, (m: ClientMessage) => {
     if (m.type === 'request') got.push(m);
   });
+  return { hooks, got };
+}
+
+t.test('read slabs: WRITE payloads stay intact as views until released, however reads and releases interleave', async (t) => {
+  const rand = mulberry32(4242);
+  const { hooks, got } = slabFedParser();
   // 400 WRITEs of 1 byte to 40 KiB, each payload filled from its cookie.
   const payloadOf = (cookie: number, length: number) => {
     const b = Buffer.alloc(length);
@@ -464,13 +470,7 @@ t.test('read slabs: WRITE payloads stay intact as views until released, however 
 });
 
 t.test('read slabs: with many payloads held, the rest are copied out (a few slabs pinned at most)', async (t) => {
-  const parser = new ClientStreamParser({ maxPayload: 32 * 1024 * 1024 });
-  parser.phase = 'transmission';
-  parser.inputReused = true;
-  const got: RequestMessage[] = [];
-  const hooks = slabReadHooks(parser, (m: ClientMessage) => {
-    if (m.type === 'request') got.push(m);
-  });
+  const { hooks, got } = slabFedParser();
   // 100 WRITEs of 60 KiB, each read alone, none released.
   for (let cookie = 0; cookie < 100; cookie++) {
     const msg = Buffer.concat([
