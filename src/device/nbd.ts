@@ -187,7 +187,9 @@ export class NbdDevice implements BlockDevice {
       const piece = data.subarray(at, at + this.maxRequest);
       parts.push(this.withClient((c) => c.write(offset + at, piece, fua)));
     }
-    await Promise.all(parts);
+    // Every part settled before this settles: the caller may reuse `data`
+    // then (a read slab's view), and a late part must not still be sending it.
+    await settleAll(parts);
   }
 
   async zero(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
