@@ -111,7 +111,6 @@ export class NbdClient extends EventEmitter {
   private cookieSeq = 0;
   /** Pending READs whose data can go straight to its destination (see headerReadLimit). */
   private largeReadsPending = 0;
-  private inFlight = 0;
   private readonly slotWaiters: Array<() => void> = [];
   private readonly maxInFlight: number;
   private ready = false;
@@ -194,7 +193,6 @@ export class NbdClient extends EventEmitter {
   private forget(p: Pending): void {
     this.pending.remove(p.slot);
     if (NbdClient.isLargeRead(p)) this.largeReadsPending--;
-    this.inFlight--;
     this.slotWaiters.shift()?.();
   }
   private readonly onError = (err: Error) => this.fail(err);
@@ -384,7 +382,6 @@ export class NbdClient extends EventEmitter {
     w?.(err);
     const e = new ConnectionLostError(`${this.uri}: ${err.message}`);
     for (const p of this.pending.values()) p.reject(e);
-    this.inFlight -= this.pending.size;
     this.pending.clear();
     this.largeReadsPending = 0;
     for (const s of this.slotWaiters.splice(0)) s();
@@ -403,7 +400,7 @@ export class NbdClient extends EventEmitter {
   // ------------------------------------------------------------- requests
 
   private async slot(): Promise<void> {
-    while (this.inFlight >= this.maxInFlight && !this.closedError) {
+    while (this.pending.size >= this.maxInFlight && !this.closedError) {
       await new Promise<void>((r) => this.slotWaiters.push(r));
     }
   }
@@ -434,12 +431,12 @@ export class NbdClient extends EventEmitter {
       extents: null,
       error: null,
     };
-    if (this.inFlight >= this.maxInFlight || this.closedError) return this.sendAfterSlot(p, flags, payload);
+    if (this.pending.size >= this.maxInFlight || this.closedError) return this.sendAfterSlot(p, flags, payload);
     return this.send(p, flags, payload);
   }
 
   private async sendAfterSlot(p: Pending, flags: number, payload: RequestPayload): Promise<ReplyValue> {
-    if (this.inFlight >= this.maxInFlight) await this.slot();
+    if (this.pending.size >= this.maxInFlight) await this.slot();
     if (this.closedError) throw new ConnectionLostError(`${this.uri}: ${this.closedError.message}`);
     return this.send(p, flags, payload);
   }
@@ -452,7 +449,6 @@ export class NbdClient extends EventEmitter {
     p.cookie = BigInt(this.cookieSeq * COOKIE_SLOTS + slot);
     this.cookieSeq = (this.cookieSeq + 1) % COOKIE_SEQ_WRAP;
     const cookie = p.cookie;
-    this.inFlight++;
     return new Promise<ReplyValue>((resolve, reject) => {
       p.resolve = resolve;
       p.reject = reject;
@@ -587,7 +583,7 @@ export class NbdClient extends EventEmitter {
   async close(): Promise<void> {
     if (this.closedError) return;
     if (this.ready) {
-      while (this.inFlight > 0 && !this.closedError) await new Promise((r) => setTimeout(r, 1));
+      while (this.pending.size > 0 && !this.closedError) await new Promise((r) => setTimeout(r, 1));
       // No reply comes to DISC: its cookie names no request.
       if (!this.closedError) this.socket.write(build.requestHeader(0, Command.Disc, 0n, 0, 0));
     }

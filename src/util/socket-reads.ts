@@ -142,10 +142,11 @@ export function slabReadHooks<M>(parser: ReadableParser<M>, emit: (msg: M) => vo
   const slabForRead = (): Slab | null => {
     if (current !== null && current.views === 0) current.used = 0;
     if (current !== null && current.buf.length - current.used >= SLAB_MIN_ROOM) return current;
-    const idle = slabs.find((sl) => sl.views === 0);
-    if (idle) {
-      idle.used = 0;
-      return idle;
+    for (const idle of slabs) {
+      if (idle.views === 0) {
+        idle.used = 0;
+        return idle;
+      }
     }
     if (slabs.length >= SLABS_PER_CONNECTION) return null;
     const fresh = { buf: Buffer.allocUnsafeSlow(SOCKET_READ_BUFFER), views: 0, used: 0 };
