@@ -188,60 +188,68 @@ function fsRead(file: string, offset: number, length: number): Buffer {
   }
 }
 
-t.test('--max-connections 4', async (t) => {
+t.test('--max-connections 4: more clients wait for a slot (as with qemu-nbd --shared), then are refused', async (t) => {
   const N = 4;
   const srv = await server(t, { handshakeTimeout: '30s', maxConnections: N });
-  const open: RawConn[] = [];
+  const conns: RawConn[] = [];
   t.teardown(() => {
-    for (const c of open) c.destroy();
+    for (const c of conns) c.destroy();
   });
-  for (let i = 0; i < N; i++) {
+  const connect = async (): Promise<RawConn> => {
     const c = await RawConn.connect(srv.socket);
-    open.push(c);
+    conns.push(c);
+    return c;
+  };
+  const served: RawConn[] = [];
+  for (let i = 0; i < N; i++) {
+    const c = await connect();
     const hs = await handshake(c, 'go');
     t.ok(hs.ok, `connection ${i + 1} of ${N}: handshake done`);
+    served.push(c);
   }
-  // Beyond the limit: accepted by the kernel, closed by the server at once, no greeting.
-  for (let k = 0; k < 3; k++) {
-    const extra = await RawConn.connect(srv.socket);
-    const closed = await extra.waitClosed(2000);
-    t.ok(closed, `connection ${N + 1} (try ${k + 1}) is closed by the server`);
-    t.equal(extra.bytesIn, 0, '...without a greeting');
-    extra.destroy();
+  // Beyond the limit: connected, but no greeting while every slot is taken.
+  const waiting = [await connect(), await connect(), await connect()];
+  await sleep(500);
+  for (const [i, w] of waiting.entries()) {
+    t.equal(w.bytesIn, 0, `waiting client ${i + 1}: no greeting while the ${N} slots are taken`);
+    t.notOk(w.closed, `waiting client ${i + 1}: still connected`);
   }
-  // The N open ones still work.
-  for (const [i, c] of open.entries()) {
+  // The served ones still work.
+  for (const [i, c] of served.entries()) {
     c.write(build.requestHeader(0, CMD.FLUSH, BigInt(100 + i), 0, 0));
     const r = await c.next((m) => m.type === 'simpleReply', 3000);
-    t.match(r, { error: 0 }, `open connection ${i + 1} still answers`);
+    t.match(r, { error: 0 }, `served connection ${i + 1} still answers`);
   }
-  // Close one properly; then a new connection is accepted again.
-  const gone = open.shift() as RawConn;
-  gone.write(build.requestHeader(0, CMD.DISC, 1n, 0, 0));
-  t.ok(await gone.waitClosed(3000), 'one connection disconnects (DISC)');
-  gone.destroy();
-  let accepted: RawConn | null = null;
-  const deadline = Date.now() + 5000;
-  while (!accepted && Date.now() < deadline) {
-    const c = await RawConn.connect(srv.socket);
-    if (await c.waitUntil(() => c.bytesIn >= 18 || c.closed, 1000)) {
-      if (!c.closed && c.bytesIn >= 18) {
-        accepted = c;
-        break;
-      }
-    }
-    c.destroy();
-    await sleep(20);
+  // One leaves (DISC): the oldest waiting client is served.
+  served[0].write(build.requestHeader(0, CMD.DISC, 1n, 0, 0));
+  t.ok(await served[0].waitClosed(3000), 'one served connection disconnects (DISC)');
+  const first = await handshake(waiting[0], 'go');
+  t.ok(first.ok, 'the first waiting client gets its greeting and completes its handshake', { reason: first.reason });
+  t.equal(waiting[1].bytesIn, 0, 'the second still waits: all slots are taken again');
+  // A waiting client that gave up is served, closes at once, and the next
+  // one gets the slot.
+  waiting[1].destroy();
+  served[1].destroy();
+  const third = await handshake(waiting[2], 'go');
+  t.ok(third.ok, 'a served client went, the waiting one before it had given up: the third waiting client is served', {
+    reason: third.reason,
+  });
+  // The queue holds N: with N waiting, one more is refused at once.
+  const queue: RawConn[] = [];
+  for (let i = 0; i < N; i++) queue.push(await connect());
+  const extra = await connect();
+  t.ok(await extra.waitClosed(2000), `with ${N} clients waiting, one more is closed by the server`);
+  t.equal(extra.bytesIn, 0, '...without a greeting');
+  t.ok(
+    queue.every((q) => !q.closed && q.bytesIn === 0),
+    `the ${N} waiting clients are still connected, without a greeting`,
+  );
+  // The served ones (two from the start, two that waited) still work.
+  for (const [i, c] of [served[2], served[3], waiting[0], waiting[2]].entries()) {
+    c.write(build.requestHeader(0, CMD.FLUSH, BigInt(200 + i), 0, 0));
+    const r = await c.next((m) => m.type === 'simpleReply' && m.cookie === BigInt(200 + i), 3000);
+    t.match(r, { error: 0 }, `served connection ${i + 1} of ${N} answers`);
   }
-  t.ok(accepted, 'a new connection is accepted once one closed');
-  if (accepted) {
-    open.push(accepted);
-    const hs = await handshake(accepted, 'go');
-    t.ok(hs.ok, '...and completes its handshake');
-  }
-  const extra = await RawConn.connect(srv.socket);
-  t.ok(await extra.waitClosed(2000), `at ${N} again, the next one is refused again`);
-  extra.destroy();
   healthy(t, srv);
 });
 

@@ -35,7 +35,7 @@ export function addListenOptions(cmd: Command): Command {
     .option('-P, --pidfile <FILE>', 'write the pid here once accepting connections')
     .option('--exit-with-parent', 'exit when the parent process exits')
     .option('--run <CMD>', 'captive mode: run CMD with $uri, $nbd, $unixsocket, $port, $exportname set; exit with its status when it ends')
-    .option('--max-connections <N>', 'refuse connections beyond this many', '256')
+    .option('--max-connections <N>', 'serve this many clients at once; up to as many more wait for a slot without a greeting (as with qemu-nbd --shared), beyond that they are refused', '256')
     .option('--handshake-timeout <DURATION>', 'drop clients that have not finished the handshake in this time (e.g. 10s, 500ms; 0 = never)', '10s')
     .addOption(
       new Option('--tls <MODE>', 'TLS for clients: off, on (offered), require (plaintext refused)').choices(['off', 'on', 'require']).default('off'),

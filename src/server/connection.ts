@@ -155,6 +155,9 @@ export class NbdConnection {
     this.maxInFlightBytes = opts.maxInFlightBytes ?? 2 * MAX_PAYLOAD;
     this.socket.setNoDelay?.(true);
     this.bind(this.socket);
+    // NbdServer accepts paused (a client may wait for a slot first); an
+    // adopted socket reads on its own, this one must be told to.
+    if (this.socket.isPaused()) this.socket.resume();
     const timeout = opts.handshakeTimeoutMs ?? 10_000;
     if (timeout > 0) {
       this.handshakeTimer = setTimeout(() => {

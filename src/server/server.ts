@@ -1,5 +1,16 @@
 // Listeners (unix socket, TCP) feeding NbdConnections, with a connection cap
 // and a clean shutdown that lets outstanding requests finish.
+//
+// The cap works as qemu-nbd's --shared does: a client beyond it is not
+// refused but waits, connected and without a greeting, until a served one
+// leaves. qemu-nbd leaves it in the listen backlog; Node always accepts, so
+// it waits here, paused (nothing read from it), in a queue as long as the
+// cap. Only a client beyond that queue is closed at once. Counting alone
+// cannot tell a served client that has just gone from one still there: the
+// server learns of a close only when it gets to that socket's event, and a
+// client that connects, sends and closes in a loop can be dozens of
+// connections ahead of a busy server. Refusing at the count turned valid
+// clients away while the slots were really free.
 
 import net from 'node:net';
 import fs from 'node:fs';
@@ -47,7 +58,10 @@ export class NbdServer {
   private readonly servers: net.Server[] = [];
   private readonly connections = new Set<NbdConnection>();
   private readonly sockets = new Set<net.Socket>();
+  /** Accepted clients waiting for a slot, oldest first; not read from until served. */
+  private readonly waiting: net.Socket[] = [];
   private readonly registry: ExportRegistry;
+  private closing = false;
 
   constructor(private readonly opts: NbdServerOptions) {
     this.registry = new StaticExports(opts.exports);
@@ -66,7 +80,9 @@ export class NbdServer {
     // allowHalfOpen: a client that half-closes after its requests still gets
     // their replies (the connection drains, then ends its side); without it
     // Node ends our side at once and the replies fail with EPIPE.
-    const server = net.createServer({ pauseOnConnect: false, allowHalfOpen: true }, (s) => this.accept(s));
+    // pauseOnConnect: a client that has to wait for a slot is not read from
+    // (NbdConnection starts reading when it is served).
+    const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true }, (s) => this.accept(s));
     if (addr.socketPath) removeStaleSocket(addr.socketPath);
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
@@ -85,12 +101,36 @@ export class NbdServer {
   }
 
   private accept(accepted: net.Socket): void {
-    // Counted here: with reuseReadBuffer, net.Server sees the accepted
-    // socket object go at once (the connection lives on in another).
-    if (this.sockets.size >= this.maxConnections) {
+    if (this.closing) {
       accepted.destroy();
       return;
     }
+    // Counted here: with reuseReadBuffer, net.Server sees the accepted
+    // socket object go at once (the connection lives on in another).
+    if (this.sockets.size < this.maxConnections) {
+      this.serve(accepted);
+      return;
+    }
+    if (this.waiting.length >= this.maxConnections) {
+      accepted.destroy();
+      return;
+    }
+    // A waiting socket is paused: its client closing goes unnoticed until it
+    // is served, and then it closes at once. An error (or our own destroy
+    // in close()) is all that can happen to it meanwhile.
+    accepted.on('error', () => undefined);
+    this.waiting.push(accepted);
+  }
+
+  /** Serve waiting clients while there are free slots. */
+  private serveWaiting(): void {
+    while (!this.closing && this.sockets.size < this.maxConnections && this.waiting.length > 0) {
+      const next = this.waiting.shift() as net.Socket;
+      if (!next.destroyed) this.serve(next);
+    }
+  }
+
+  private serve(accepted: net.Socket): void {
     const conn = new NbdConnection(accepted, {
       exports: this.registry,
       handshakeTimeoutMs: this.opts.handshakeTimeoutMs,
@@ -106,12 +146,15 @@ export class NbdServer {
     socket.on('close', () => {
       this.sockets.delete(socket);
       this.connections.delete(conn);
+      this.serveWaiting();
     });
   }
 
   /** Stop accepting; let connections finish their requests; close. */
   async close(graceMs = 5000): Promise<void> {
+    this.closing = true;
     for (const s of this.servers) s.close();
+    for (const s of this.waiting.splice(0)) s.destroy();
     for (const c of this.connections) c.shutdown();
     const deadline = Date.now() + graceMs;
     while (this.sockets.size > 0 && Date.now() < deadline) {
