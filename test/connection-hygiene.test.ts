@@ -18,6 +18,7 @@ import {
   RawConn,
   Rng,
   fdCount,
+  fdList,
   handshake,
   pollUntil,
   rssKiB,
@@ -307,6 +308,35 @@ t.test('half-closed socket: outstanding requests are answered, then the server c
   h.destroy();
   healthy(t, srv);
   await worksForNewClient(t, srv, 'after half-closed clients');
+});
+
+t.test('DISC right behind large READs: the server lets go once the client closes', async (t) => {
+  // The READs' replies fill the socket's write buffer, which pauses reading
+  // until it drains; the DISC in the same write ends the session before it
+  // has. A socket that stayed paused after the server ended its side never
+  // saw the client's close: the fuzz test's fds left open.
+  const srv = await server(t, {});
+  const baseline = fdCount(srv.pid);
+  const rng = new Rng(12);
+  for (let i = 0; i < 10; i++) {
+    const c = await RawConn.connect(srv.socket);
+    const style = rng.pick(['go', 'go-structured', 'export-name'] as const);
+    const hs = await handshake(c, style);
+    t.ok(hs.ok, `round ${i} (${style}): handshake`);
+    c.parse = false;
+    const reqs: Buffer[] = [];
+    const reads = rng.range(2, 8);
+    for (let k = 0; k < reads; k++) reqs.push(build.requestHeader(0, CMD.READ, BigInt(k + 1), k * MiB, 256 * 1024));
+    reqs.push(build.requestHeader(0, CMD.DISC, 99n, 0, 0));
+    const bytesBefore = c.bytesIn;
+    c.write(Buffer.concat(reqs));
+    t.ok(await c.waitUntil(() => c.ended, 5000), `round ${i}: the server ended its side after the replies`);
+    t.ok(c.bytesIn - bytesBefore >= reads * 256 * 1024, `round ${i}: all ${reads} READs were answered before that`);
+    c.destroy();
+  }
+  const fds = await settleFds(srv.pid, baseline, 0, 5000);
+  t.ok(fds <= baseline, `every socket was let go (${baseline} -> ${fds} fds)`, { fds: fdList(srv.pid) });
+  healthy(t, srv);
 });
 
 t.test('reset socket: destroyed mid-request with replies and writes pending', async (t) => {

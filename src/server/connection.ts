@@ -290,8 +290,8 @@ export class NbdConnection {
       }
       case Option.Abort:
         reply(OptionReply.Ack);
-        this.socket.end();
         this.phase = 'closed';
+        this.endOurSide();
         return;
       case Option.List:
         if (data.length !== 0) return error(OptionReply.ErrInvalid, 'LIST takes no payload');
@@ -400,11 +400,13 @@ export class NbdConnection {
     while (this.queued.length > 0 && this.phase !== 'closed' && this.admit(this.queued[0])) {
       this.dispatch(this.queued.shift() as RequestMessage);
     }
+    // Once our side is ended, reading must go on (see endOurSide).
     const stalled =
-      this.queued.length > 0 ||
+      this.phase !== 'closed' &&
+      (this.queued.length > 0 ||
       this.inFlight >= this.maxInFlight ||
       this.inFlightBytes >= this.maxInFlightBytes ||
-      this.socket.writableNeedDrain;
+        this.socket.writableNeedDrain);
     if (stalled && !this.socketPaused) {
       this.socketPaused = true;
       this.socket.pause();
@@ -430,8 +432,23 @@ export class NbdConnection {
   private maybeFinishDrain(): void {
     if (this.phase === 'draining' && this.inFlight === 0) {
       this.phase = 'closed';
-      this.socket.end();
+      this.endOurSide();
     }
+  }
+
+  /**
+   * End our side and read on until the client closes its own. A socket
+   * paused for a full write buffer must resume here: after end() Node
+   * emits no 'drain' to resume it, and a paused socket never sees the
+   * client's close (on a unix socket nothing else tells), so it stayed
+   * open for good once the last replies had gone.
+   */
+  private endOurSide(): void {
+    if (this.socketPaused) {
+      this.socketPaused = false;
+      this.socket.resume();
+    }
+    this.socket.end();
   }
 
   private closed(): void {
