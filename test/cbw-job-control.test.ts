@@ -31,7 +31,7 @@
 
 import t, { type Test } from 'tap';
 import * as fs from 'node:fs';
-import { MiB, readAt, sleep, startNbdCbw, startNbdkit, startQemuNbd, tmpPath, type Peer } from './helpers/peers';
+import { MiB, NBD_CBW_BIN, readAt, run, sleep, startNbdCbw, startNbdkit, startQemuNbd, tmpPath, type Peer } from './helpers/peers';
 import {
   backupAction,
   backupStart,
@@ -358,6 +358,31 @@ t.test('status --json', async (t) => {
   t.equal(done.bytesDone, done.bytesTotal, 'bytesDone = bytesTotal');
   t.equal(done.bufferBytes, 0, 'buffer empty');
   t.equal(done.error, null, 'no error');
+});
+
+t.test('backup start --wait on a terminal: a progress bar in sizes, then the outcome', async (t) => {
+  // util-linux `script` gives the CLI a pseudo-terminal as stdin/stdout/stderr.
+  const target = await memoryTarget(t);
+  const r = await serve(t, 708);
+  const cmd = [process.execPath, NBD_CBW_BIN, 'backup', 'start', '--wait', '--interval', '100', '--speed', '32M']
+    .concat(['--target', target.uri, '--control', r.control])
+    .map((a) => `'${a}'`)
+    .join(' ');
+  const res = await run('script', ['-qec', cmd, '/dev/null'], { timeoutMs: 60_000 });
+  t.equal(res.code, 0, 'exit 0: the job completed', { output: res.stdout.slice(-2000) });
+  // Each frame is redrawn over the last with escape sequences (cursor to
+  // column 1, clear to the end): keep the text, one frame per line.
+  const text = res.stdout.replace(/\x1b\[[0-9;?]*[A-Za-z]|\x1b[78]/g, '').replace(/\r/g, '\n');
+  const frames = text
+    .split(/(?=backup \|)|\n/)
+    .filter((l) => l.startsWith('backup |'))
+    .map((l) => l.replace(/[\u2588\u2591]/g, ''));
+  t.ok(frames.length >= 2, `the bar was drawn and redrawn (${frames.length} frames)`);
+  t.match(frames[frames.length - 1], /\| 100% 64(\.0)? MiB\/64(\.0)? MiB [\d.]+ \S*B\/s ETA \S+ buffer [\d.]+ \S*B$/, 'its last frame: 100%, done/total in sizes, rate, ETA, buffer');
+  t.notOk(frames.some((f) => f.includes('{')), 'no placeholder is left unfilled in any frame', { frames: frames.slice(0, 3) });
+  t.match(text, /job \S+: completed/, 'then the outcome in words');
+  t.notMatch(text, /^\{/m, 'and no JSON (that is --json)');
+  await checkTarget(t, target.uri, r.snapshot, 'backup under a terminal');
 });
 
 // ---------------------------------------------------- targets reading as zero

@@ -3,12 +3,12 @@
 
 import fs from 'node:fs';
 import type { Command } from 'commander';
-import cliProgress from 'cli-progress';
 import { MAX_WAIT_MS, controlRequest, parseControlAddress, type ControlAddress } from '../control/client';
 import type { JobStatus } from '../jobs/job';
 import { addBackupOptions, toBackupRequest, type BackupCliOptions } from './backup-options';
 import { die, errorMessage } from './log';
 import { formatSize, parseSize } from './sizes';
+import { terminalProgressBar } from './progress';
 
 interface ControlCliOptions {
   control?: string;
@@ -158,27 +158,21 @@ export function registerBackup(program: Command): void {
 async function follow(o: ControlCliOptions, first: JobStatus, intervalText: string): Promise<never> {
   const id = first.id; // follow this job even if another starts later
   const interval = Math.max(50, Number(intervalText) || 1000);
-  const bar =
-    !o.json && process.stderr.isTTY
-      ? new cliProgress.SingleBar(
-          {
-            format: 'backup |{bar}| {percentage}% {done}/{total} {rate}/s ETA {eta_formatted} buffer {buffer}',
-            hideCursor: true,
-            stream: process.stderr,
-          },
-          cliProgress.Presets.shades_classic,
-        )
-      : null;
-  bar?.start(first.bytesTotal, first.bytesDone);
+  // Payload keys must not be cli-progress's own ({total} is its raw total).
+  const bar = o.json
+    ? null
+    : terminalProgressBar('backup |{bar}| {percentage}% {doneSize}/{totalSize} {rateSize}/s ETA {eta_formatted} buffer {bufferSize}');
+  const sizes = (st: JobStatus) => ({
+    doneSize: formatSize(st.bytesDone),
+    totalSize: formatSize(st.bytesTotal),
+    rateSize: formatSize(st.rate),
+    bufferSize: formatSize(st.bufferBytes),
+  });
+  bar?.start(first.bytesTotal, first.bytesDone, sizes(first));
   let s = first;
   for (;;) {
     if (o.json) console.log(JSON.stringify(s));
-    bar?.update(s.bytesDone, {
-      done: formatSize(s.bytesDone),
-      total: formatSize(s.bytesTotal),
-      rate: formatSize(s.rate),
-      buffer: formatSize(s.bufferBytes),
-    });
+    bar?.update(s.bytesDone, sizes(s));
     if (TERMINAL.has(s.state)) break;
     // The server holds the request until the job ends or `interval`
     // passes: the end is seen at once, progress every interval.

@@ -7,7 +7,6 @@
 // --id names another.
 
 import type { Command } from 'commander';
-import cliProgress from 'cli-progress';
 import type { ObjectStore, S3Settings } from '../store/object-store';
 import type { Manifest } from '../store/layout';
 import { addS3Options } from './backup-options';
@@ -15,6 +14,8 @@ import { addListenOptions, type ListenOptions } from './serve';
 import { backgroundSelf } from './daemon';
 import { die, errorMessage, info } from './log';
 import { formatSize } from './sizes';
+import { terminalProgressBar } from './progress';
+import type { SingleBar } from 'cli-progress';
 
 /** The store code, loaded when a command runs rather than at every CLI start. */
 async function storeCode() {
@@ -50,13 +51,9 @@ async function openBackup(location: string, o: StoreCliOptions): Promise<{ store
   }
 }
 
-function progressBar(total: number, label: string): cliProgress.SingleBar | null {
-  if (!process.stderr.isTTY) return null;
-  const bar = new cliProgress.SingleBar(
-    { format: `${label} |{bar}| {percentage}% {value}/{total} chunks ETA {eta_formatted}`, stream: process.stderr, hideCursor: true },
-    cliProgress.Presets.shades_classic,
-  );
-  bar.start(total, 0);
+function progressBar(total: number, label: string): SingleBar | null {
+  const bar = terminalProgressBar(`${label} |{bar}| {percentage}% {value}/{total} chunks ETA {eta_formatted}`);
+  bar?.start(total, 0);
   return bar;
 }
 
