@@ -9,10 +9,11 @@ cd "$(dirname "$0")/.."
 
 # The demo needs only the NBD peers; the tests and benchmarks need the rest:
 # a real Prometheus, qemu-storage-daemon (qemu-system-common), gnuplot for
-# the benchmark plots, and a single-node Ceph (mon, osd, radosgw, qemu's rbd
+# the benchmark plots, util-linux's `script` (bsdutils) for the CLI's terminal
+# output, and a single-node Ceph (mon, osd, radosgw, qemu's rbd
 # driver) for the distributed targets.
 core=(qemu-utils nbdkit libnbd-bin fio)
-full=(prometheus qemu-system-common gnuplot-nox ceph-mon ceph-osd radosgw ceph-common qemu-block-extra)
+full=(prometheus qemu-system-common gnuplot-nox bsdutils ceph-mon ceph-osd radosgw ceph-common qemu-block-extra)
 if [ "${1:-}" = "--all" ]; then
   shift
   packages=("${core[@]}" "${full[@]}" "$@")
