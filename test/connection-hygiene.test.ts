@@ -336,6 +336,18 @@ t.test('DISC right behind large READs: the server lets go once the client closes
   }
   const fds = await settleFds(srv.pid, baseline, 0, 5000);
   t.ok(fds <= baseline, `every socket was let go (${baseline} -> ${fds} fds)`, { fds: fdList(srv.pid) });
+
+  // A client that never closes its side after DISC: the server closes the
+  // session (proto.md: after DISC it closes the connection) after a linger.
+  const stubborn = await RawConn.connect(srv.socket, 5000, true); // half-open: we never end our side
+  t.ok((await handshake(stubborn, 'go')).ok, 'a client that will not close: handshake');
+  const before = fdCount(srv.pid);
+  stubborn.write(build.requestHeader(0, CMD.DISC, 1n, 0, 0));
+  t.ok(await stubborn.waitUntil(() => stubborn.ended, 3000), 'after its DISC the server ends its side');
+  t.notOk(stubborn.closed, '...while the client keeps its own open');
+  const gone = await pollUntil(() => fdCount(srv.pid) < before, 10_000);
+  t.ok(gone, `and the server lets the socket go a little later (${before} -> ${fdCount(srv.pid)} fds)`);
+  stubborn.destroy();
   healthy(t, srv);
 });
 

@@ -6,7 +6,9 @@
 //                completes (any order; cookies are opaque)
 //   draining     DISC received or the socket half-closed: no new requests,
 //                outstanding ones finish, then the socket is ended
-//   closed       socket gone; late completions are dropped
+//   closed       our side ended (reading on until the client closes, at most
+//                DISCONNECT_LINGER_MS), or the socket gone; late completions
+//                are dropped
 //
 // Backpressure: the socket is paused while requests in flight or their
 // bytes exceed the per-connection bounds, or while the socket's write buffer
@@ -100,6 +102,8 @@ const writePayloads = new PayloadPool(16 * 1024 * 1024);
 const readBuffers = new PayloadPool(16 * 1024 * 1024);
 const POOLED_READ_MIN = 4096;
 const MAX_EXTENTS_PER_REPLY = 1024;
+/** How long a client may keep its side open once the server ended its own (after DISC or ABORT). */
+const DISCONNECT_LINGER_MS = 2000;
 /** Extent lengths are 32-bit on the wire; keep them block-aligned below 4 GiB. */
 const MAX_EXTENT_LENGTH = 0x80000000;
 
@@ -122,6 +126,7 @@ export class NbdConnection {
   private readonly queued: RequestMessage[] = [];
   private socketPaused = false;
   private handshakeTimer: NodeJS.Timeout | null = null;
+  private lingerTimer: NodeJS.Timeout | null = null;
   private readonly maxInFlight: number;
   private readonly maxInFlightBytes: number;
   private tlsActive = false;
@@ -449,12 +454,19 @@ export class NbdConnection {
       this.socket.resume();
     }
     this.socket.end();
+    // After DISC the server closes the session (proto.md). Ending our side
+    // first lets the client read every reply; one that then never closes
+    // its own side loses the socket after a short linger. Reading goes on
+    // until then, so nothing unread turns the close into a reset.
+    this.lingerTimer = setTimeout(() => this.socket.destroy(), DISCONNECT_LINGER_MS);
+    this.lingerTimer.unref();
   }
 
   private closed(): void {
     this.phase = 'closed';
     this.queued.length = 0;
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    if (this.lingerTimer) clearTimeout(this.lingerTimer);
   }
 
   /** Check a request against the export; returns an NBD error or 0. */
