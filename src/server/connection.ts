@@ -409,8 +409,8 @@ export class NbdConnection {
     const stalled =
       this.phase !== 'closed' &&
       (this.queued.length > 0 ||
-      this.inFlight >= this.maxInFlight ||
-      this.inFlightBytes >= this.maxInFlightBytes ||
+        this.inFlight >= this.maxInFlight ||
+        this.inFlightBytes >= this.maxInFlightBytes ||
         this.socket.writableNeedDrain);
     if (stalled && !this.socketPaused) {
       this.socketPaused = true;
