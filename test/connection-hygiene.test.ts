@@ -245,6 +245,8 @@ t.test('--max-connections 4: more clients wait for a slot (as with qemu-nbd --sh
     queue.every((q) => !q.closed && q.bytesIn === 0),
     `the ${N} waiting clients are still connected, without a greeting`,
   );
+  t.match(srv.output(), /nbd-cbw: connection limit: all 4 slots are taken \(--max-connections\); new clients wait for one/, 'stderr says that clients wait');
+  t.match(srv.output(), /nbd-cbw: connection limit: 4 clients served and 4 waiting; refusing new clients/, '...and that they are refused');
   // The served ones (two from the start, two that waited) still work.
   for (const [i, c] of [served[2], served[3], waiting[0], waiting[2]].entries()) {
     c.write(build.requestHeader(0, CMD.FLUSH, BigInt(200 + i), 0, 0));

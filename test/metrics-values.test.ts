@@ -14,6 +14,7 @@ import t, { type Test } from 'tap';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import * as net from 'node:net';
 import { Metrics } from '../src/metrics/metrics';
 import { CbwFilter } from '../src/cbw/filter';
 import { NbdServer } from '../src/server/server';
@@ -461,4 +462,72 @@ t.test('in-flight gauge and per-operation children through the observer hooks', 
   const withDefaults = new Metrics();
   const text = (await withDefaults.render()).body;
   t.match(text, /^nbd_cbw_process_resident_memory_bytes \d+/m);
+});
+
+t.test('connections: served, waiting beyond --max-connections, refused; the operator is told once', async (t) => {
+  const metrics = new Metrics({ defaultMetrics: false });
+  const notices: string[] = [];
+  const server = new NbdServer({
+    exports: [{ name: 'disk', device: new MemoryDevice(1 * MiB) }],
+    maxConnections: 2,
+    notice: (m) => notices.push(m),
+  });
+  metrics.watchConnections(server);
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-cbw-mc-'));
+  const socketPath = path.join(dir, 's.sock');
+  await server.listen({ socketPath });
+  const sockets: net.Socket[] = [];
+  t.teardown(async () => {
+    for (const s of sockets) s.destroy();
+    await server.close(1000);
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  /** Connect; resolves with the socket and whether the server sent its greeting (or closed) within `ms`. */
+  const connect = async (ms: number): Promise<{ sock: net.Socket; greeted: boolean; closed: boolean }> => {
+    const sock = net.connect(socketPath);
+    sockets.push(sock);
+    let bytes = 0;
+    let closed = false;
+    sock.on('data', (d: Buffer) => (bytes += d.length));
+    sock.on('close', () => (closed = true));
+    sock.on('error', () => undefined);
+    await new Promise<void>((resolve, reject) => sock.once('connect', resolve).once('error', reject));
+    const deadline = Date.now() + ms;
+    while (bytes < 18 && !closed && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+    return { sock, greeted: bytes >= 18, closed };
+  };
+  const counts = async () => ({
+    served: await value(metrics, 'nbd_cbw_connections', { state: 'served' }),
+    waiting: await value(metrics, 'nbd_cbw_connections', { state: 'waiting' }),
+    refused: await value(metrics, 'nbd_cbw_connections_refused_total'),
+  });
+
+  t.same(await counts(), { served: 0, waiting: 0, refused: 0 }, 'none at first: the series exist at 0');
+  const a = await connect(2000);
+  const b = await connect(2000);
+  t.ok(a.greeted && b.greeted, 'two clients get their greeting');
+  t.same(await counts(), { served: 2, waiting: 0, refused: 0 }, 'two served');
+  t.same(notices, [], 'nothing said yet');
+  const c = await connect(300);
+  const d = await connect(300);
+  t.notOk(c.greeted || d.greeted || c.closed || d.closed, 'two more wait: connected, no greeting');
+  t.same(await counts(), { served: 2, waiting: 2, refused: 0 }, 'two served, two waiting');
+  const e = await connect(2000);
+  const f = await connect(2000);
+  t.ok(e.closed && f.closed && !e.greeted && !f.greeted, 'beyond the queue: closed at once, no greeting');
+  t.same(await counts(), { served: 2, waiting: 2, refused: 2 }, 'two refused');
+  t.equal(notices.length, 2, 'the operator is told once that clients wait and once that they are refused', { notices });
+  t.match(notices[0], /all 2 slots are taken \(--max-connections\); new clients wait/, 'first: clients wait');
+  t.match(notices[1], /2 clients served and 2 waiting; refusing new clients/, 'then: clients are refused');
+
+  a.sock.destroy();
+  await until('a waiting client served', async () => (await counts()).waiting === 1);
+  t.same(await counts(), { served: 2, waiting: 1, refused: 2 }, 'one left: the oldest waiting client is served');
+  b.sock.destroy();
+  await until('the queue empty', async () => (await counts()).waiting === 0);
+  t.same(await counts(), { served: 2, waiting: 0, refused: 2 }, 'another left: the queue is empty, the refusals stay counted');
+  // A new wait is a new episode: said again.
+  const g = await connect(300);
+  t.notOk(g.greeted, 'one more waits');
+  t.equal(notices.length, 3, 'and the operator is told again');
 });

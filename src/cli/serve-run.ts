@@ -41,6 +41,8 @@ export async function runServer(
     onStarted?: (r: RunningServer) => Promise<Record<string, string> | void>;
     cleanup?: () => Promise<void>;
     observer?: ConnectionObserver;
+    /** The server, before it listens (for the metrics). */
+    onServer?: (server: NbdServer) => void;
   } = {},
 ): Promise<never> {
   setVerbose(!!opts.verbose);
@@ -79,7 +81,9 @@ export async function runServer(
     handshakeTimeoutMs,
     observer: hooks.observer,
     log: opts.verbose ? (m) => debug(m) : undefined,
+    notice: (m) => info(m),
   });
+  hooks.onServer?.(server);
   let bound;
   try {
     bound = await server.listen(address);
@@ -217,6 +221,7 @@ export async function serve(opts: ServeOptions): Promise<void> {
   let metricsServer: http.Server | null = null;
   await runServer(opts, exportSpec, {
     observer: metrics?.connectionObserver(),
+    onServer: (server) => metrics?.watchConnections(server),
     onStarted: async ({ address }) => {
       const addr = controlAddr ?? { socketPath: defaultControlPath(address) };
       if (metrics && metricsAddr) metricsServer = await serveMetrics(metrics, metricsAddr);

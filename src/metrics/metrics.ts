@@ -11,6 +11,7 @@
 import client, { Counter, Gauge, Histogram, Registry, type HistogramConfiguration } from 'prom-client';
 import { commandName, errorName } from '../nbd-protocol/constants';
 import type { ConnectionObserver, ExportSpec } from '../server/connection';
+import type { ConnectionCounts } from '../server/server';
 import type { CbwFilter } from '../cbw/filter';
 import type { JobManager, JobStatus } from '../jobs/job';
 import type { CopyEngine } from '../copy/engine';
@@ -141,6 +142,7 @@ export class Metrics {
   private readonly slotsByExport = new Map<string, Array<OpSlot | undefined>>();
   private readonly inFlightByExport = new Map<string, number>();
   private readonly watched: Array<{ name: string; jobs: JobManager }> = [];
+  private readonly servers: Array<{ readonly connectionCounts: ConnectionCounts }> = [];
 
   constructor(opts: { defaultMetrics?: boolean } = {}) {
     const r = [this.registry];
@@ -192,6 +194,37 @@ export class Metrics {
       registers: r,
       collect() {
         for (const [exp, n] of inFlightByExport) this.labels(exp).set(n);
+      },
+    });
+    const servers = this.servers;
+    const connections = () => {
+      const all = { served: 0, waiting: 0, refused: 0 };
+      for (const srv of servers) {
+        const c = srv.connectionCounts;
+        all.served += c.served;
+        all.waiting += c.waiting;
+        all.refused += c.refused;
+      }
+      return all;
+    };
+    new Gauge({
+      name: 'nbd_cbw_connections',
+      help: 'NBD client connections: served, or waiting for a slot beyond --max-connections',
+      labelNames: ['state'],
+      registers: r,
+      collect() {
+        const c = connections();
+        this.labels('served').set(c.served);
+        this.labels('waiting').set(c.waiting);
+      },
+    });
+    new Counter({
+      name: 'nbd_cbw_connections_refused_total',
+      help: 'NBD clients closed at once: --max-connections served and as many waiting',
+      registers: r,
+      collect() {
+        this.reset();
+        this.inc(connections().refused);
       },
     });
     const watched = this.watched;
@@ -353,6 +386,11 @@ export class Metrics {
   }
 
   /** Watch an export's cbw filter and its backup jobs. */
+  /** Read a server's connection counts at scrape time. */
+  watchConnections(server: { readonly connectionCounts: ConnectionCounts }): void {
+    this.servers.push(server);
+  }
+
   watchExport(exportName: string, filter: CbwFilter, jobs: JobManager): void {
     const waits = this.cbwWaitSlots.get(exportName) ?? latencySlot({ export: exportName });
     this.cbwWaitSlots.set(exportName, waits);

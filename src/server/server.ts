@@ -40,6 +40,15 @@ export interface NbdServerOptions {
   reuseReadBuffer?: boolean;
   observer?: ConnectionObserver;
   log?: (msg: string) => void;
+  /** Said to the operator whatever the verbosity: the connection limit reached. */
+  notice?: (msg: string) => void;
+}
+
+/** Clients at this moment (served, waiting for a slot) and refused since the start. */
+export interface ConnectionCounts {
+  served: number;
+  waiting: number;
+  refused: number;
 }
 
 class StaticExports implements ExportRegistry {
@@ -62,6 +71,10 @@ export class NbdServer {
   private readonly waiting: net.Socket[] = [];
   private readonly registry: ExportRegistry;
   private closing = false;
+  private refused = 0;
+  /** Said once until the queue empties again / has room again. */
+  private noticedWaiting = false;
+  private noticedRefusing = false;
 
   constructor(private readonly opts: NbdServerOptions) {
     this.registry = new StaticExports(opts.exports);
@@ -71,8 +84,8 @@ export class NbdServer {
     return this.opts.maxConnections ?? 256;
   }
 
-  get connectionCount(): number {
-    return this.sockets.size;
+  get connectionCounts(): ConnectionCounts {
+    return { served: this.sockets.size, waiting: this.waiting.length, refused: this.refused };
   }
 
   /** Start listening; resolves with the bound address once accepting. */
@@ -111,9 +124,19 @@ export class NbdServer {
       this.serve(accepted);
       return;
     }
-    if (this.waiting.length >= this.maxConnections) {
+    const max = this.maxConnections;
+    if (this.waiting.length >= max) {
+      this.refused++;
+      if (!this.noticedRefusing) {
+        this.noticedRefusing = true;
+        this.opts.notice?.(`connection limit: ${max} clients served and ${max} waiting; refusing new clients`);
+      }
       accepted.destroy();
       return;
+    }
+    if (!this.noticedWaiting) {
+      this.noticedWaiting = true;
+      this.opts.notice?.(`connection limit: all ${max} slots are taken (--max-connections); new clients wait for one`);
     }
     // A waiting socket is paused: its client closing goes unnoticed until it
     // is served, and then it closes at once. An error (or our own destroy
@@ -127,7 +150,9 @@ export class NbdServer {
     while (!this.closing && this.sockets.size < this.maxConnections && this.waiting.length > 0) {
       const next = this.waiting.shift() as net.Socket;
       if (!next.destroyed) this.serve(next);
+      this.noticedRefusing = false;
     }
+    if (this.waiting.length === 0) this.noticedWaiting = false;
   }
 
   private serve(accepted: net.Socket): void {
