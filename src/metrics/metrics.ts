@@ -385,12 +385,12 @@ export class Metrics {
     };
   }
 
-  /** Watch an export's cbw filter and its backup jobs. */
   /** Read a server's connection counts at scrape time. */
   watchConnections(server: { readonly connectionCounts: ConnectionCounts }): void {
     this.servers.push(server);
   }
 
+  /** Watch an export's cbw filter and its backup jobs. */
   watchExport(exportName: string, filter: CbwFilter, jobs: JobManager): void {
     const waits = this.cbwWaitSlots.get(exportName) ?? latencySlot({ export: exportName });
     this.cbwWaitSlots.set(exportName, waits);

@@ -11,8 +11,9 @@ const ZERO_PROBE_STEP = 0xffffffff - 0xffff;
 /**
  * Probe requests in flight at once. A server may take a while per request
  * (nbdkit's memory plugin walks its sparse array page by page: 1.5 ms per
- * 4 GiB, 0.4 s for a 1 TiB target, one request after another), and answers
- * several on as many threads.
+ * 4 GiB, 0.4 s for a 1 TiB target). One with several threads answers them
+ * at once; nbdkit's memory plugin takes one lock per request, so there
+ * only the round trips between them are saved.
  */
 const ZERO_PROBE_PARALLEL = 8;
 
