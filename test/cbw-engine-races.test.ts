@@ -277,11 +277,17 @@ interface TargetOptions {
   failFirst?: number;
   /** Every write fails. */
   failAlways?: boolean;
+  /**
+   * > 0: whether it reads as zero is known only this many ms after open
+   * (BackupTarget.zeroProbe, as an NBD target's block-status probe).
+   */
+  zeroProbeMs?: number;
 }
 
 class MemoryTarget implements BackupTarget {
   readonly description = 'memory target';
-  readonly readsAsZero: boolean;
+  readsAsZero: boolean;
+  zeroProbe: Promise<boolean> | null = null;
   readonly maxWrite: number;
   readonly data: Buffer;
   writesPerCluster: Uint32Array;
@@ -304,6 +310,14 @@ class MemoryTarget implements BackupTarget {
     private readonly rng: Rng,
   ) {
     this.readsAsZero = opts.readsAsZero;
+    if (opts.zeroProbeMs) {
+      this.readsAsZero = false;
+      this.zeroProbe = sleep(opts.zeroProbeMs).then(() => {
+        this.readsAsZero = opts.readsAsZero;
+        this.zeroProbe = null;
+        return opts.readsAsZero;
+      });
+    }
     this.maxWrite = opts.maxWrite;
     // A target that does not read as zero starts with junk, so missed zero writes show.
     this.data = Buffer.alloc(size, opts.readsAsZero ? 0 : 0xee);
@@ -549,6 +563,8 @@ interface RunConfig {
   preAttachWrites: number;
   /** Attach, write for a while, and only then start() the sweep. */
   delayStart: boolean;
+  /** The target's zero probe answers after this many ms (0: known at open). */
+  zeroProbeMs: number;
 }
 
 function describe(c: RunConfig): string {
@@ -556,7 +572,7 @@ function describe(c: RunConfig): string {
     `seed=${c.seed} size=${c.size} cs=${c.clusterSize} chunk=${c.maxChunk} workers=${c.workers} ` +
     `inflight=${c.inFlightBytes} buffer=${c.bufferBytes}${c.spill ? '+spill' : ''} writers=${c.targetWriters} ` +
     `tmax=${c.targetMaxWrite} tdelay=${c.targetDelayMs} zero=${c.readsAsZero} bs=${c.blockStatus}/${c.maxExtents} ` +
-    `ops=${c.guestOps}x${c.concurrency} pre=${c.preAttachWrites} delayStart=${c.delayStart}`
+    `ops=${c.guestOps}x${c.concurrency} pre=${c.preAttachWrites} delayStart=${c.delayStart} probe=${c.zeroProbeMs}`
   );
 }
 
@@ -588,6 +604,8 @@ function makeConfig(seed: number, buffer: BufferKind, spill: boolean, slowTarget
     concurrency: randInt(rng, 1, 24),
     preAttachWrites: rnd(rng) < 0.5 ? randInt(rng, 1, 6) : 0,
     delayStart: rnd(rng) < 0.2,
+    // Drawn last: the draws above stay what they were for every seed.
+    zeroProbeMs: rnd(rng) < 0.4 ? randInt(rng, 1, 40) : 0,
   };
 }
 
@@ -606,7 +624,7 @@ async function oneRun(c: RunConfig, spillDir: string | undefined): Promise<RunRe
   const target = new MemoryTarget(
     c.size,
     c.clusterSize,
-    { readsAsZero: c.readsAsZero, maxWrite: c.targetMaxWrite, writeDelayMs: c.targetDelayMs },
+    { readsAsZero: c.readsAsZero, maxWrite: c.targetMaxWrite, writeDelayMs: c.targetDelayMs, zeroProbeMs: c.zeroProbeMs },
     mulberry32(c.seed ^ 0x7a67),
   );
   const filter = new CbwFilter(dev);

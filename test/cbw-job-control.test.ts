@@ -419,13 +419,67 @@ t.test('a target past one block-status request reads as zero only if every part 
       t.equal(w.code, 0, `wrote 512 bytes at ${at}`);
     }
     const opened = await NbdTarget.open(target.uri, { size });
+    t.equal(opened.readsAsZero, false, 'not known to read as zero while the probe runs');
+    t.ok(opened.zeroProbe, 'the probe runs after open returned');
+    const answer = await opened.zeroProbe;
     t.equal(
       opened.readsAsZero,
       at === null,
       at === null ? 'a fresh 40 GiB target reads as zero' : `512 bytes at ${at}: does not read as zero`,
     );
+    t.equal(answer, opened.readsAsZero, 'the probe settles with the answer readsAsZero then holds');
+    t.equal(opened.zeroProbe, null, 'and is gone once answered');
     await opened.close();
   }
+});
+
+t.test('the zero probe runs beside the job\'s own writes and leaves them out', async (t) => {
+  // The job writes data while the probe runs (targets/nbd.ts): what the job
+  // wrote itself is no sign of a used target; anything else still is.
+  const size = 40 * 1024 * MiB;
+  const data = Buffer.alloc(MiB, 0x5a);
+  const cases: Array<{ own: number[]; foreign: number | null; zero: boolean; what: string }> = [
+    { own: [0, 21 * 1024 * MiB, size - MiB], foreign: null, zero: true, what: 'own writes at the start, middle and end only' },
+    { own: [0, 21 * 1024 * MiB], foreign: 30 * 1024 * MiB + 4096, zero: false, what: 'own writes, and 512 foreign bytes elsewhere' },
+    { own: [21 * 1024 * MiB], foreign: 21 * 1024 * MiB + MiB, zero: false, what: 'foreign bytes right after an own write' },
+  ];
+  for (const c of cases) {
+    // Each answer held back 200 ms: the own writes have landed when the
+    // probe looks, whichever part of the disk it asks about first.
+    const target = await memoryTarget(t, ['--filter=delay'], ['delay-extents=200ms'], size);
+    if (c.foreign !== null) {
+      const w = await qemuIo(target.uri, [`write -P 0x7 ${c.foreign} 512`]);
+      t.equal(w.code, 0, `${c.what}: wrote 512 foreign bytes at ${c.foreign}`);
+    }
+    const opened = await NbdTarget.open(target.uri, { size });
+    t.ok(opened.zeroProbe, `${c.what}: the probe is running`);
+    // The probe (ten 4 GiB requests, eight at a time) must find them and
+    // leave them out.
+    await Promise.all(c.own.map((at) => opened.write(at, [data])));
+    await opened.zeroProbe;
+    t.equal(opened.readsAsZero, c.zero, `${c.what}: ${c.zero ? 'reads as zero' : 'does not read as zero'}`);
+    await opened.close();
+  }
+});
+
+t.test('data goes to the target while its zero probe runs; zero ranges wait for the answer', async (t) => {
+  // Block status held back 1 s by nbdkit's delay filter: the job's data
+  // writes land meanwhile (and the probe then sees them as data, which it
+  // must leave out); the disk's zero ranges wait and need no write-zeroes.
+  const log = tmpPath(t, 'probe-log', '.txt');
+  const target = await memoryTarget(t, ['--filter=log', '--filter=delay'], [`logfile=${log}`, 'delay-extents=1']);
+  const r = await serve(t, 808); // holes and zero-filled runs among the data
+  const job = await backupStart(r.control, target.uri, []);
+  const done = await backupWait(r.control, job.id, 60_000);
+  t.equal(done.code, 0, 'completed');
+  await checkTarget(t, target.uri, r.snapshot, 'target probed during the copy');
+  const lines = fs.readFileSync(log, 'utf8').split('\n');
+  const firstWriteDone = lines.findIndex((l) => / \.\.\.Write id=\d+ return=0/.test(l));
+  const probeDone = lines.findIndex((l) => / \.\.\.Extents id=\d+ /.test(l));
+  t.ok(firstWriteDone >= 0 && probeDone >= 0, 'the log has the writes and the probe\'s answer');
+  t.ok(firstWriteDone < probeDone, `data reached the target before the probe answered (log lines ${firstWriteDone} and ${probeDone})`);
+  t.match(lines[probeDone], /extents=\(0x0 0x[0-9a-f]+ "(?!hole)/, 'the probe saw the job\'s own data');
+  t.equal(lines.filter((l) => / Zero id=\d+ offset=/.test(l)).length, 0, 'no write-zeroes: it read as zero apart from the job\'s own writes');
 });
 
 // ------------------------------------------------------------ bad input

@@ -103,7 +103,7 @@ export function registerRestore(program: Command): void {
         const offset = i * manifest.chunkSize;
         const len = chunkLength(manifest, i);
         if (digest === null) {
-          if (!target.readsAsZero) await target.writeZeroes(offset, len);
+          if (!(target.zeroProbe ? await target.zeroProbe : target.readsAsZero)) await target.writeZeroes(offset, len);
         } else {
           await target.write(offset, [await fetchChunk(store, digest, len)]);
         }

@@ -147,6 +147,14 @@ export interface EngineProgress {
   guestCopies: number;
 }
 
+/** A range found zero, waiting for the target's zero probe. */
+interface ZeroRange {
+  offset: number;
+  length: number;
+  written?: () => void;
+  urgent: boolean;
+}
+
 /** A claimed run of clusters whose old content is being read. */
 interface Task {
   first: number;
@@ -174,6 +182,12 @@ export class CopyEngine extends EventEmitter {
   /** The target's close after a failure or cancel (requests in flight finish first). */
   private targetClosing: Promise<void> | null = null;
   private pendingAdds = 0;
+  /**
+   * Zero ranges held while the target's zero probe runs (null when none
+   * runs): once it answers they are done (the target reads as zero) or go
+   * into the buffer as write-zeroes. Data goes to the target meanwhile.
+   */
+  private zeroesAwaitingProbe: ZeroRange[] | null = null;
   private readFailures = 0;
   private finishing = false;
   private readonly zeroCluster: Buffer;
@@ -256,6 +270,11 @@ export class CopyEngine extends EventEmitter {
     );
     this.sweepBudget = this.buffer.background;
     this.finished.promise.catch(() => undefined);
+    const probe = target.zeroProbe;
+    if (probe) {
+      this.zeroesAwaitingProbe = [];
+      void probe.then(() => this.zeroProbeAnswered());
+    }
   }
 
   get state(): EngineState {
@@ -347,6 +366,9 @@ export class CopyEngine extends EventEmitter {
     this.stateValue = state;
     this.failure = err;
     this.buffer.stop(err);
+    const held = this.zeroesAwaitingProbe ?? [];
+    this.zeroesAwaitingProbe = null;
+    for (const z of held) z.written?.();
     // Waiting guest writes go on: the snapshot is no longer being kept.
     for (const t of this.reading.values()) t.saved.resolve(true);
     this.reading.clear();
@@ -567,7 +589,7 @@ export class CopyEngine extends EventEmitter {
           return;
         }
         pendingWrites++;
-        adds.push(this.buffer.add({ offset: base + from, length, where: 'zero', data: null, written: onWritten, urgent }));
+        adds.push(this.addZeroes({ offset: base + from, length, written: onWritten, urgent }));
         return;
       }
       this.stats.bytesCopied += length;
@@ -599,6 +621,32 @@ export class CopyEngine extends EventEmitter {
     if (runZero !== null) emit(runStart, data.length, runZero);
     if (written && pendingWrites === 0) written.resolve();
     await Promise.all(adds);
+  }
+
+  /**
+   * A zero range on a target not known to read as zero: write-zeroes through
+   * the buffer, or held until the target's zero probe answers. Resolves once
+   * the buffer took it (at once when held: a held range takes no memory).
+   */
+  private addZeroes(z: ZeroRange): Promise<void> {
+    if (this.zeroesAwaitingProbe) {
+      this.zeroesAwaitingProbe.push(z);
+      return Promise.resolve();
+    }
+    return this.buffer.add({ offset: z.offset, length: z.length, where: 'zero', data: null, written: z.written, urgent: z.urgent });
+  }
+
+  private zeroProbeAnswered(): void {
+    const held = this.zeroesAwaitingProbe;
+    this.zeroesAwaitingProbe = null;
+    if (!held) return; // the job ended: end() settled them
+    for (const z of held) {
+      if (this.target.readsAsZero) {
+        this.stats.bytesDone += z.length;
+        z.written?.();
+      } else void this.addZeroes(z);
+    }
+    this.kick();
   }
 
   // ---------------------------------------------------------- background
@@ -650,7 +698,7 @@ export class CopyEngine extends EventEmitter {
       const { offset, length } = this.clusterRange(c, runEnd);
       this.stats.bytesSkipped += length;
       if (this.target.readsAsZero) this.stats.bytesDone += length;
-      else void this.buffer.add({ offset, length, where: 'zero', data: null });
+      else void this.addZeroes({ offset, length, urgent: false });
       c = runEnd < last ? this.toCopy.nextSet(runEnd) : -1;
     }
   }
@@ -750,6 +798,7 @@ export class CopyEngine extends EventEmitter {
   private maybeComplete(): void {
     if (!this.isActive || this.finishing) return;
     if (!this.scanDone || this.toCopy.count > 0 || this.reading.size > 0 || this.pendingAdds > 0) return;
+    if (this.zeroesAwaitingProbe !== null && this.zeroesAwaitingProbe.length > 0) return;
     this.finishing = true;
     void (async () => {
       try {

@@ -19,12 +19,18 @@ const ZERO_PROBE_PARALLEL = 8;
 
 /**
  * True when the target's block status calls all of [0, size) zero (a fresh
- * nbdkit memory or sparse file, a new qcow2 behind qemu-nbd): then ranges
- * that are zero on the disk need no write-zeroes there, as with
- * --target-is-zero. Only this job writes the target, so zero now is zero
- * when the job completes. Anything else, or no answer, means no.
+ * nbdkit memory or sparse file, a new qcow2 behind qemu-nbd), leaving out
+ * what this job wrote meanwhile (`ownWrites`): then ranges that are zero on
+ * the disk need no write-zeroes there, as with --target-is-zero. Only this
+ * job writes the target, so zero now is zero when the job completes.
+ * Anything else, or no answer, means no. `stop()` true ends it with no.
  */
-async function readsAsZeroUpTo(client: NbdClient, size: number): Promise<boolean> {
+async function readsAsZeroUpTo(
+  client: NbdClient,
+  size: number,
+  ownWrites: WrittenRanges,
+  stop: () => boolean,
+): Promise<boolean> {
   if (client.baseAllocationId === null) return false;
   let next = 0; // the start of the next step no prober has taken
   let requests = 0;
@@ -38,14 +44,15 @@ async function readsAsZeroUpTo(client: NbdClient, size: number): Promise<boolean
       const end = Math.min(size, next + ZERO_PROBE_STEP);
       next = end;
       while (zero && offset < end) {
-        if (++requests > ZERO_PROBE_REQUESTS) {
+        if (++requests > ZERO_PROBE_REQUESTS || stop()) {
           zero = false;
           return;
         }
         const extents = await client.blockStatus(offset, end - offset);
         if (extents.length === 0) zero = false;
         for (const e of extents) {
-          if ((e.flags & 2) === 0 || e.length <= 0) zero = false;
+          if (e.length <= 0) zero = false;
+          else if ((e.flags & 2) === 0 && !ownWrites.covers(offset, Math.min(offset + e.length, end))) zero = false;
           if (!zero) break;
           offset += e.length;
           if (offset >= end) break;
@@ -61,18 +68,55 @@ async function readsAsZeroUpTo(client: NbdClient, size: number): Promise<boolean
   return zero;
 }
 
+/** Byte ranges written to a target, for the zero probe that runs meanwhile. */
+class WrittenRanges {
+  private readonly ranges: Array<[number, number]> = [];
+
+  add(start: number, end: number): void {
+    this.ranges.push([start, end]);
+  }
+
+  /** True if [start, end) lies within the union of the ranges added. */
+  covers(start: number, end: number): boolean {
+    const touching = this.ranges.filter(([a, b]) => a < end && b > start).sort((x, y) => x[0] - y[0]);
+    let at = start;
+    for (const [a, b] of touching) {
+      if (a > at) return false;
+      if (b > at) at = b;
+      if (at >= end) return true;
+    }
+    return at >= end;
+  }
+}
+
 export class NbdTarget implements BackupTarget {
   readonly description: string;
   readonly maxWrite: number;
+  /** Pending while the zero probe runs (see BackupTarget.zeroProbe); null once answered or never asked. */
+  zeroProbe: Promise<boolean> | null = null;
+  private zero: boolean;
+  /** What this job wrote while the probe ran; null when no probe runs. */
+  private ownWrites: WrittenRanges | null = null;
+  private closing = false;
 
   private constructor(
     private readonly client: NbdClient,
-    readonly readsAsZero: boolean,
+    targetIsZero: boolean,
   ) {
     this.description = `nbd ${client.uri}`;
     this.maxWrite = Math.min(client.blockSizes?.maximum || 32 * 1024 * 1024, 32 * 1024 * 1024);
+    this.zero = targetIsZero;
   }
 
+  get readsAsZero(): boolean {
+    return this.zero;
+  }
+
+  /**
+   * Opens the target without waiting for the zero probe: on a large target
+   * it can take a while (nbdkit memory: 0.3-0.4 s for 1 TiB), and the copy
+   * need not wait for it; only the decision on zero ranges does.
+   */
   static async open(uri: string, opts: TargetOpenOptions): Promise<NbdTarget> {
     const client = await NbdClient.connect(parseNbdUri(uri), { maxInFlight: opts.maxInFlight ?? 16 });
     if (client.transmissionFlags & 2) {
@@ -83,12 +127,23 @@ export class NbdTarget implements BackupTarget {
       await client.close();
       throw new Error(`target ${uri} is ${client.size} bytes, smaller than the ${opts.size}-byte disk`);
     }
-    const readsAsZero = !!opts.targetIsZero || (await readsAsZeroUpTo(client, opts.size));
-    return new NbdTarget(client, readsAsZero);
+    const target = new NbdTarget(client, !!opts.targetIsZero);
+    if (!opts.targetIsZero && client.baseAllocationId !== null) {
+      const ownWrites = new WrittenRanges();
+      target.ownWrites = ownWrites;
+      target.zeroProbe = readsAsZeroUpTo(client, opts.size, ownWrites, () => target.closing).then((zero) => {
+        target.zero = zero;
+        target.ownWrites = null;
+        target.zeroProbe = null;
+        return zero;
+      });
+    }
+    return target;
   }
 
   async write(offset: number, data: readonly Buffer[]): Promise<void> {
     const total = data.reduce((n, b) => n + b.length, 0);
+    this.ownWrites?.add(offset, offset + total);
     if (total <= this.maxWrite) return this.client.write(offset, data);
     const whole = data.length === 1 ? data[0] : Buffer.concat(data as Buffer[], total);
     const parts: Promise<void>[] = [];
@@ -99,6 +154,7 @@ export class NbdTarget implements BackupTarget {
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
+    this.ownWrites?.add(offset, offset + length);
     const canZero = (this.client.transmissionFlags & (1 << 6)) !== 0;
     const step = 1024 * 1024 * 1024; // lengths are 32-bit on the wire
     for (let at = 0; at < length; at += step) {
@@ -118,6 +174,8 @@ export class NbdTarget implements BackupTarget {
   }
 
   async close(): Promise<void> {
+    this.closing = true;
+    await this.zeroProbe;
     await this.client.close();
   }
 }

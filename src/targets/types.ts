@@ -9,6 +9,13 @@ export interface BackupTarget {
   readonly description: string;
   /** True when unwritten ranges of the target already read as zeros. */
   readonly readsAsZero: boolean;
+  /**
+   * Set while the target is still finding out whether it reads as zeros
+   * (an NBD target's block-status probe): settles with the answer, which
+   * readsAsZero then holds. Until then readsAsZero is false; writes may go
+   * on meanwhile, and decisions on zero ranges wait for the answer.
+   */
+  readonly zeroProbe?: Promise<boolean> | null;
   /** Largest single write the target takes (the engine coalesces up to this). */
   readonly maxWrite: number;
   /** Data at `offset`, given as buffers to be written back to back (no concat). */
