@@ -68,24 +68,65 @@ async function readsAsZeroUpTo(
   return zero;
 }
 
-/** Byte ranges written to a target, for the zero probe that runs meanwhile. */
-class WrittenRanges {
-  private readonly ranges: Array<[number, number]> = [];
+/** Distinct runs WrittenRanges keeps before the probe gives up (and says no). */
+const ZERO_PROBE_MAX_OWN_RUNS = 65536;
 
-  add(start: number, end: number): void {
-    this.ranges.push([start, end]);
+/**
+ * Byte ranges written to a target while its zero probe runs, kept sorted
+ * and joined where they touch: the sweep's writes follow one another, so
+ * a long probe holds few runs. Scattered guest-saved writes could make many:
+ * past ZERO_PROBE_MAX_OWN_RUNS it stops keeping them and covers nothing.
+ */
+export class WrittenRanges {
+  private readonly starts: number[] = [];
+  private readonly ends: number[] = [];
+  private overflowed = false;
+
+  /** Index of the last run starting at or before `at`, or -1. */
+  private runAtOrBefore(at: number): number {
+    let lo = 0;
+    let hi = this.starts.length - 1;
+    let found = -1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1;
+      if (this.starts[mid] <= at) {
+        found = mid;
+        lo = mid + 1;
+      } else hi = mid - 1;
+    }
+    return found;
   }
 
-  /** True if [start, end) lies within the union of the ranges added. */
-  covers(start: number, end: number): boolean {
-    const touching = this.ranges.filter(([a, b]) => a < end && b > start).sort((x, y) => x[0] - y[0]);
-    let at = start;
-    for (const [a, b] of touching) {
-      if (a > at) return false;
-      if (b > at) at = b;
-      if (at >= end) return true;
+  add(start: number, end: number): void {
+    if (this.overflowed || end <= start) return;
+    let i = this.runAtOrBefore(start);
+    if (i >= 0 && this.ends[i] >= start) {
+      // Joins the run before it.
+      if (end <= this.ends[i]) return;
+      this.ends[i] = end;
+    } else {
+      i++;
+      this.starts.splice(i, 0, start);
+      this.ends.splice(i, 0, end);
     }
-    return at >= end;
+    // Swallow the runs it now reaches.
+    let j = i + 1;
+    while (j < this.starts.length && this.starts[j] <= this.ends[i]) {
+      if (this.ends[j] > this.ends[i]) this.ends[i] = this.ends[j];
+      j++;
+    }
+    if (j > i + 1) {
+      this.starts.splice(i + 1, j - i - 1);
+      this.ends.splice(i + 1, j - i - 1);
+    }
+    if (this.starts.length > ZERO_PROBE_MAX_OWN_RUNS) this.overflowed = true;
+  }
+
+  /** True if [start, end) lies within what was written. */
+  covers(start: number, end: number): boolean {
+    if (this.overflowed) return false;
+    const i = this.runAtOrBefore(start);
+    return i >= 0 && this.ends[i] >= end;
   }
 }
 
