@@ -4,19 +4,17 @@
 // test/cbw-job-control.test.ts.
 import t from 'tap';
 import { WrittenRanges } from '../src/targets/nbd';
+import { mulberry32 } from './helpers/peers';
 
-/** A small deterministic generator, so a failure can be replayed. */
-function lcg(seed: number): () => number {
-  let x = seed >>> 0;
-  return () => {
-    x = (Math.imul(x, 1664525) + 1013904223) >>> 0;
-    return x / 2 ** 32;
-  };
+/** Seeded numbers in [0, 1), so a failure can be replayed. */
+function seeded(seed: number): () => number {
+  const next = mulberry32(seed);
+  return () => next() / 2 ** 32;
 }
 
 t.test('covers() says what a byte map of the writes says', async (t) => {
   for (const seed of [1, 2, 3, 4, 5]) {
-    const rand = lcg(seed);
+    const rand = seeded(seed);
     const size = 4096;
     const map = new Uint8Array(size);
     const ranges = new WrittenRanges();
