@@ -34,7 +34,7 @@ export function addBackupOptions(cmd: Command): Command {
         .choices(['break-snapshot', 'break-guest-write'])
         .default('break-snapshot'),
     )
-    .option('--target-is-zero', 'the target already reads as zeros: skip writing zero ranges')
+    .option('--target-is-zero', 'the target already reads as zeros: skip writing zero ranges (found out without it for new file targets, and for NBD targets whose block status says all zero)')
     .option('--chunk-size <SIZE>', 'dir: and s3:// targets: chunk size (the copy cluster size follows it)', '4M');
   addS3Options(cmd);
   return cmd;
