@@ -798,7 +798,7 @@ export class CopyEngine extends EventEmitter {
   private maybeComplete(): void {
     if (!this.isActive || this.finishing) return;
     if (!this.scanDone || this.toCopy.count > 0 || this.reading.size > 0 || this.pendingAdds > 0) return;
-    if (this.zeroesAwaitingProbe !== null && this.zeroesAwaitingProbe.length > 0) return;
+    if ((this.zeroesAwaitingProbe?.length ?? 0) > 0) return;
     this.finishing = true;
     void (async () => {
       try {

@@ -437,12 +437,8 @@ export class Metrics {
   }
 
   private watchEngine(exp: string, engine: CopyEngine): void {
-    let slot = this.targetSlots.get(exp);
-    if (!slot) {
-      slot = { ...latencySlot({ export: exp }), dataBytes: 0, zeroBytes: 0 };
-      this.targetSlots.set(exp, slot);
-    }
-    const writes = slot;
+    const writes = this.targetSlots.get(exp) ?? { ...latencySlot({ export: exp }), dataBytes: 0, zeroBytes: 0 };
+    this.targetSlots.set(exp, writes);
     engine.on('targetWrite', (bytes: number, s: number, isZero: boolean) => {
       countLatency(writes, s);
       if (isZero) writes.zeroBytes += bytes;

@@ -24,6 +24,7 @@ const ZERO_PROBE_PARALLEL = 8;
  * the disk need no write-zeroes there, as with --target-is-zero. Only this
  * job writes the target, so zero now is zero when the job completes.
  * Anything else, or no answer, means no. `stop()` true ends it with no.
+ * The client must have negotiated base:allocation.
  */
 async function readsAsZeroUpTo(
   client: NbdClient,
@@ -31,7 +32,6 @@ async function readsAsZeroUpTo(
   ownWrites: WrittenRanges,
   stop: () => boolean,
 ): Promise<boolean> {
-  if (client.baseAllocationId === null) return false;
   let next = 0; // the start of the next step no prober has taken
   let requests = 0;
   let zero = true;
