@@ -8,6 +8,9 @@
 //   while paused, moves again after resume; the result is exact;
 // - buffer full without spill: a one-cluster --buffer, a slow target and a
 //   guest writing over unsaved clusters: writes wait, nothing is lost;
+// - the same with a guest writing sequentially (fio, QD4) into --buffer 16M
+//   over a 4 MiB/s target: it waits for room, never past the CBW timeout,
+//   and the job ends exact;
 // - a target failing every write (nbdkit error filter), under both
 //   policies: break-snapshot, the guest sees no error and the job ends
 //   failed with a reason; break-guest-write with --buffer 0, the guest write
@@ -230,6 +233,43 @@ t.test('buffer full without spill: guest writes wait, nothing is lost', async (t
   t.equal(w.code, 0, 'job completed');
   t.ok((w.last?.bufferHighWater ?? Infinity) <= 64 * 1024, `peak buffer ${w.last?.bufferHighWater} <= 64 KiB`);
   await checkTarget(t, target.uri, r.snapshot, 'tiny buffer');
+});
+
+t.test('a guest writing sequentially into a full buffer over a slow target waits for room, never past the CBW timeout', async (t) => {
+  // Saved clusters that touch join into large target writes; a slow target
+  // shares its rate among the writes in flight, so eight 4 MiB writes
+  // started together ended together about 8 s later, and guests waiting for
+  // room in RAM got it in bursts that far apart: past the 5 s CBW timeout,
+  // and the backup failed. While a guest waits for room, runs go one per
+  // write (CowBuffer.takeGroup).
+  const size = 256 * MiB;
+  const targetFile = tmpPath(t, 'target', '.raw');
+  fs.writeFileSync(targetFile, '');
+  fs.truncateSync(targetFile, size);
+  const rateFile = tmpPath(t, 'rate');
+  fs.writeFileSync(rateFile, '32M\n'); // bits: 4 MiB/s
+  const target = await startNbdkit(t, ['--filter=rate', '--filter=delay', 'file', targetFile, 'rate=32M', `rate-file=${rateFile}`, 'wdelay=5ms']);
+  const r = await serve(t, 311, size);
+  const job = await backupStart(r.control, target.uri, ['--buffer', '16M']);
+  const fio = await run(
+    'fio',
+    ['--name=seq', '--ioengine=nbd', `--uri=${r.cbw.uri}`, '--rw=write', '--bs=64k', '--iodepth=4', `--size=${size}`, '--time_based', '--runtime=12', '--output-format=json'],
+    { timeoutMs: 90_000 },
+  );
+  t.equal(fio.code, 0, 'fio exits 0', { out: fio.code ? fio.describe() : undefined });
+  const report = JSON.parse(fio.stdout.replace(/^[^{]*/, '')) as { jobs: Array<{ error: number; write: { total_ios: number; clat_ns: { max: number } } }> };
+  const w = report.jobs[0].write;
+  t.equal(report.jobs[0].error, 0, 'no fio error');
+  const mid = await backupStatus(r.control, job.id);
+  t.ok(mid.bufferHighWater >= 15 * MiB, `the buffer filled (peak ${(mid.bufferHighWater / MiB).toFixed(1)} MiB)`);
+  t.equal(mid.error, null, `the backup did not fail while the guest waited for room (${mid.state}${mid.error ? `: ${mid.error}` : ''})`);
+  t.equal(mid.state, 'running', 'still running: the target is slow');
+  t.comment(`${w.total_ios} sequential 64 KiB writes in 12 s, longest ${(w.clat_ns.max / 1e6).toFixed(0)} ms`);
+  fs.writeFileSync(`${rateFile}.new`, '10G\n');
+  fs.renameSync(`${rateFile}.new`, rateFile);
+  const end = await backupWait(r.control, job.id, 120_000);
+  t.equal(end.code, 0, 'job completed');
+  await checkTarget(t, target.uri, r.snapshot, 'sequential guest, full buffer');
 });
 
 // ------------------------------------------------------ failing target

@@ -366,16 +366,29 @@ export class CowBuffer {
     }
   }
 
-  /** The oldest queued run plus its queued neighbours on both sides. */
+  /**
+   * The oldest queued run plus its queued neighbours on both sides; alone
+   * while a guest waits for room in RAM.
+   *
+   * Why alone: room comes back only when a whole write is done, and a slow
+   * target shares its rate among the writes in flight. A guest writing
+   * sequentially saves adjacent clusters, joined into 4 MiB writes; eight of
+   * them started together at 4 MB/s all end about 8 s later, so waiting
+   * guests got room in bursts that far apart, past the 5 s CBW timeout, and
+   * the backup failed (test/cbw-job-control: sequential writes, --buffer
+   * 16M, a 4 MB/s target). One run per write gives room back a run at a
+   * time: that guest then waited at most 0.8 s.
+   */
   private takeGroup(): BufferedRun[] | null {
     const first = this.urgentQueue.find(this.notWriting) ?? this.queue.find(this.notWriting);
     if (!first) return null;
     const zero = first.where === 'zero';
-    const fits = (r: BufferedRun | undefined, total: number): r is BufferedRun =>
-      !!r && !r.writing && (r.where === 'zero') === zero && (zero || total + r.length <= this.opts.maxWrite);
     const group = [first];
     let total = first.length;
     first.writing = true;
+    if (this.ram.isWaitedOn && !zero) return group;
+    const fits = (r: BufferedRun | undefined, total: number): r is BufferedRun =>
+      !!r && !r.writing && (r.where === 'zero') === zero && (zero || total + r.length <= this.opts.maxWrite);
     for (
       let prev = this.byEnd.get(this.keyOf(first.offset));
       fits(prev, total);

@@ -35,6 +35,11 @@ export class Budget {
     return this.used;
   }
 
+  /** Someone is waiting for room. */
+  get isWaitedOn(): boolean {
+    return this.waiters.length > 0;
+  }
+
   get limit(): number {
     return this.capacity;
   }
