@@ -373,11 +373,11 @@ export class CowBuffer {
    * Why alone: room comes back only when a whole write is done, and a slow
    * target shares its rate among the writes in flight. A guest writing
    * sequentially saves adjacent clusters, joined into 4 MiB writes; eight of
-   * them started together at 4 MB/s all end about 8 s later, so waiting
+   * them started together at 4 MiB/s all end about 8 s later, so waiting
    * guests got room in bursts that far apart, past the 5 s CBW timeout, and
    * the backup failed (test/cbw-job-control: sequential writes, --buffer
-   * 16M, a 4 MB/s target). One run per write gives room back a run at a
-   * time: that guest then waited at most 0.8 s.
+   * 16M, a 4 MiB/s target). One run per write gives room back a run at a
+   * time: that guest then waited half a second at most.
    */
   private takeGroup(): BufferedRun[] | null {
     const first = this.urgentQueue.find(this.notWriting) ?? this.queue.find(this.notWriting);
