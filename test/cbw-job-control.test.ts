@@ -34,7 +34,7 @@
 
 import t, { type Test } from 'tap';
 import * as fs from 'node:fs';
-import { MiB, NBD_CBW_BIN, readAt, run, sleep, startNbdCbw, startNbdkit, startQemuNbd, tmpPath, type Peer } from './helpers/peers';
+import { MiB, NBD_CBW_BIN, makeImage, readAt, run, sleep, startNbdCbw, startNbdkit, startQemuNbd, tmpPath, type Peer } from './helpers/peers';
 import {
   backupAction,
   backupStart,
@@ -244,10 +244,9 @@ t.test('a guest writing sequentially into a full buffer over a slow target waits
   // write (CowBuffer.takeGroup).
   const size = 256 * MiB;
   const targetFile = tmpPath(t, 'target', '.raw');
-  fs.writeFileSync(targetFile, '');
-  fs.truncateSync(targetFile, size);
+  makeImage(targetFile, size); // sparse, all zero
   const rateFile = tmpPath(t, 'rate');
-  fs.writeFileSync(rateFile, '32M\n'); // bits: 4 MiB/s
+  // rate=32M is in bits: 4 MiB/s, until the rate file says otherwise.
   const target = await startNbdkit(t, ['--filter=rate', '--filter=delay', 'file', targetFile, 'rate=32M', `rate-file=${rateFile}`, 'wdelay=5ms']);
   const r = await serve(t, 311, size);
   const job = await backupStart(r.control, target.uri, ['--buffer', '16M']);
