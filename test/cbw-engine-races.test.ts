@@ -1390,3 +1390,64 @@ t.test('1 TiB sparse disk with a little data: holes never read, completes', asyn
   t.equal(p.bytesSkipped, size - dataBytes, 'holes counted as skipped');
   t.equal(p.bytesCopied, dataBytes, 'data counted as copied');
 });
+
+t.test('a target that takes two writes at once never gets more; the engine\'s own limit holds otherwise', async (t) => {
+  // FileTarget sets maxWritesInFlight = 2 (buffered writes to one file take
+  // its inode lock one at a time). The same guest load and sweep, once with
+  // the target's limit and once without, which shows the count can exceed 2.
+  const cs = 64 * KiB;
+  const size = 32 * MiB;
+  for (const limit of [2, undefined]) {
+    const rng = mulberry32(4242);
+    const dev = new MemoryDevice(size, mulberry32(4243));
+    populate(dev, rng);
+    const filter = new CbwFilter(dev);
+    let inFlight = 0;
+    let peak = 0;
+    const got = Buffer.alloc(size, 0xee);
+    const counted = async <T>(op: () => Promise<T>): Promise<T> => {
+      peak = Math.max(peak, ++inFlight);
+      try {
+        await sleep(2);
+        return await op();
+      } finally {
+        inFlight--;
+      }
+    };
+    const target: BackupTarget = {
+      description: 'counting target',
+      readsAsZero: false,
+      maxWrite: 4 * MiB,
+      maxWritesInFlight: limit,
+      write: (offset, data) =>
+        counted(async () => {
+          let at = offset;
+          for (const b of data) at += b.copy(got, at);
+        }),
+      writeZeroes: (offset, length) => counted(async () => void got.fill(0, offset, offset + length)),
+      async commit() {},
+      async close() {},
+    };
+    const engine = new CopyEngine(dev.engineView(), target, {
+      ...DEFAULT_ENGINE_OPTIONS,
+      clusterSize: cs,
+      maxChunk: 256 * KiB,
+      bufferBytes: 8 * MiB,
+      retryBaseMs: 1,
+    });
+    await filter.attach(engine, { policy: 'break-snapshot', timeoutMs: 30_000 });
+    const snapshot = Buffer.from(dev.data);
+    engine.start();
+    const stats: GuestStats = { ops: 0, errors: [] };
+    await guestLoad(filter, mulberry32(4244), { ops: 300, concurrency: 16, clusterSize: cs }, stats);
+    await within(engine.done, 60_000, () => JSON.stringify(engine.progress()));
+    filter.detach(engine);
+    const what = limit ? `target limit ${limit}` : 'no target limit';
+    t.equal(engine.state, 'completed', `${what}: completed`);
+    t.same(stats.errors, [], `${what}: no guest errors`);
+    t.ok(got.equals(snapshot), `${what}: the target holds the disk at the start`);
+    if (limit) t.equal(peak, limit, `${what}: at most ${limit} writes in flight, and that many were`);
+    else t.ok(peak > 2, `${what}: more than 2 in flight (${peak}), up to the engine's ${DEFAULT_ENGINE_OPTIONS.targetWriters}`);
+    if (!limit) t.ok(peak <= DEFAULT_ENGINE_OPTIONS.targetWriters, `${what}: never past the engine's limit (${peak})`);
+  }
+});

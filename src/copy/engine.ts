@@ -249,7 +249,7 @@ export class CopyEngine extends EventEmitter {
         spillInBuffer: spillCarved,
         clusterSize: cs,
         maxWrite: Math.min(opts.maxChunk, target.maxWrite),
-        writers: opts.targetWriters,
+        writers: Math.min(opts.targetWriters, target.maxWritesInFlight ?? opts.targetWriters),
         retryAttempts: opts.retryAttempts,
         retryBaseMs: opts.retryBaseMs,
         retryMaxMs: opts.retryMaxMs,

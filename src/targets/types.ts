@@ -18,6 +18,11 @@ export interface BackupTarget {
   readonly zeroProbe?: Promise<boolean> | null;
   /** Largest single write the target takes (the engine coalesces up to this). */
   readonly maxWrite: number;
+  /**
+   * At most this many write()s and writeZeroes() at once; the engine keeps
+   * fewer in flight than its own limit (8) when a target sets this.
+   */
+  readonly maxWritesInFlight?: number;
   /** Data at `offset`, given as buffers to be written back to back (no concat). */
   write(offset: number, data: readonly Buffer[]): Promise<void>;
   /** Make [offset, offset+length) read as zeros. */
