@@ -52,7 +52,7 @@ import {
   type JobJson,
 } from './helpers/cbw';
 import { mulberry32 } from './helpers/peers';
-import { NbdTarget } from '../src/targets/nbd';
+import { NbdTarget, TARGET_REQUEST_BYTES } from '../src/targets/nbd';
 
 const SIZE = 64 * MiB;
 
@@ -446,6 +446,33 @@ t.test('an NBD target whose block status says all zero gets no write-zeroes; a u
     if (used) t.ok(zeroes > 0, `used target: zero ranges were written as zeroes (${zeroes} log lines)`);
     else t.equal(zeroes, 0, 'fresh target: reads as zero, so no write-zeroes at all');
   }
+});
+
+t.test('an NBD target gets WRITE requests of at most 1 MiB, pipelined from 4 MiB runs, each byte once', async (t) => {
+  const r = await serve(t, 809);
+  const log = tmpPath(t, 'writes-log', '.txt');
+  const target = await memoryTarget(t, ['--filter=log'], [`logfile=${log}`]);
+  const job = await backupStart(r.control, target.uri, ['--target-is-zero']);
+  const done = await backupWait(r.control, job.id, 60_000);
+  t.equal(done.code, 0, 'completed');
+  await checkTarget(t, target.uri, r.snapshot, 'split writes');
+  const writes = [...fs.readFileSync(log, 'utf8').matchAll(/ Write id=\d+ offset=0x([0-9a-f]+) count=0x([0-9a-f]+)/g)]
+    .map((m) => [parseInt(m[1], 16), parseInt(m[2], 16)] as [number, number])
+    .sort((a, b) => a[0] - b[0]);
+  t.ok(writes.length > 0, `${writes.length} writes logged`);
+  t.equal(Math.max(...writes.map(([, n]) => n)), TARGET_REQUEST_BYTES, 'the largest is 1 MiB: longer runs were cut');
+  let overlaps = 0;
+  let end = 0;
+  for (const [o, n] of writes) {
+    if (o < end) overlaps++;
+    end = Math.max(end, o + n);
+  }
+  t.equal(overlaps, 0, 'no byte written twice');
+  // Runs are cut at 1 MiB from their start, so a full 4 MiB run shows as
+  // four requests back to back; at least one such set must be there.
+  const at = new Set(writes.map(([o]) => o));
+  const fullRun = writes.some(([o, n]) => n === TARGET_REQUEST_BYTES && [1, 2, 3].every((k) => at.has(o + k * TARGET_REQUEST_BYTES)));
+  t.ok(fullRun, 'some run went out as four 1 MiB requests back to back');
 });
 
 t.test('a target past one block-status request reads as zero only if every part of it does', async (t) => {
