@@ -26,7 +26,7 @@ export function addBackupOptions(cmd: Command): Command {
     .option('--spill-dir <DIR>', 'when the RAM buffer is full, spill to a file here instead of making the guest wait (from 32M up, --buffer also holds the data passing to and from that file: one --max-chunk run in, up to an eighth out)')
     .option('--workers <N>', 'background copy workers', '16')
     .option('--cluster-size <SIZE>', 'copy granularity (power of two)', '64K')
-    .option('--max-chunk <SIZE>', 'largest coalesced read and target write', '4M')
+    .option('--max-chunk <SIZE>', 'largest coalesced read and target write (an NBD target gets it as WRITE requests of at most 1M)', '4M')
     .option('--speed <SIZE>', 'limit the background copy to SIZE bytes/s (guest-triggered copies are not limited); 0 = unlimited', '0')
     .option('--cbw-timeout <DURATION>', 'how long a guest write may wait for its old data to be saved (e.g. 5s, 500ms)', '5s')
     .addOption(
