@@ -263,6 +263,9 @@ function report(runsFile, outFile, partial) {
   print(`nbd-cbw benchmark  ${meta.date ?? ''}  ${meta.commit ?? ''}${meta.dirty ? ' (src has uncommitted changes)' : ''}`);
   print(`node ${meta.node ?? '?'}, ${meta.fioVersion ?? 'fio ?'}, ${meta.nbdkit ?? 'nbdkit ?'}, ${meta.qemuNbd ?? 'qemu-nbd ?'}, ${meta.nbdcopy ?? 'nbdcopy ?'}; ${meta.cpus ?? '?'} CPUs, ${meta.memGiB ?? '?'} GiB RAM`);
   print(`dist ${meta.dist ?? '?'} built ${meta.distBuilt ?? '?'}; load average at start ${meta.load1 ?? '?'} (the 'load' columns: 1-min load average when each run started; the machine is shared)`);
+  if (meta.pageReporting) {
+    print(`free page reporting: ${meta.pageReporting} (memory freed between runs may go back to the host; first touches of it then cost more: BENCHMARKS.md, ninth session)`);
+  }
   if (meta.backupArgs) print(`extra backup start options: ${meta.backupArgs}`);
   if (partial) print('PARTIAL RESULTS: the run did not finish');
 

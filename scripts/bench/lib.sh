@@ -172,6 +172,19 @@ now_ns() { date +%s%N; }
 # wanted it (the steal column of /proc/stat), in clock ticks over all CPUs.
 steal_ticks() { awk '/^cpu / { print $9 }' /proc/stat; }
 
+# page_reporting: this kernel's free page reporting settings, or nothing.
+# A VM whose balloon driver reports free memory hands what one run frees
+# back to its host, and the next run's first touches of it cost far more
+# (BENCHMARKS.md, ninth session): worth knowing when figures swing.
+page_reporting() {
+  local p=/sys/module/page_reporting/parameters s
+  [ -r "$p/page_reporting_order" ] || return 0
+  s="order $(cat "$p/page_reporting_order")"
+  [ -r "$p/min_free_ms" ] && s+=", min_free_ms $(cat "$p/min_free_ms")"
+  [ -r "$p/reported_kib" ] && s+=", $(($(cat "$p/reported_kib") / 1048576)) GiB reported since boot"
+  echo "$s"
+}
+
 # mono_us: the monotonic clock V8's CPU profiles use (process.hrtime), in us.
 mono_us() { node -p 'String(process.hrtime.bigint() / 1000n)'; }
 
