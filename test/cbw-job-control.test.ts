@@ -475,6 +475,23 @@ t.test('an NBD target gets WRITE requests of at most 1 MiB, pipelined from 4 MiB
   t.ok(fullRun, 'some run went out as four 1 MiB requests back to back');
 });
 
+t.test('a split target write that fails settles only after every piece has been answered', async (t) => {
+  // One request in flight: the pieces of a 4 MiB write queue behind the
+  // first. Every write fails; write() must not reject (and let the caller
+  // reuse the buffer) while later pieces still wait to be sent from it.
+  const log = tmpPath(t, 'failing-writes', '.log');
+  const target = await memoryTarget(t, ['--filter=log', '--filter=error'], ['error-pwrite=EIO', 'error-pwrite-rate=100%', `logfile=${log}`]);
+  const opened = await NbdTarget.open(target.uri, { size: SIZE, maxInFlight: 1, targetIsZero: true });
+  t.teardown(() => opened.close().catch(() => undefined));
+  const pieces = (4 * MiB) / TARGET_REQUEST_BYTES;
+  await t.rejects(opened.write(0, [Buffer.alloc(4 * MiB, 0x5a)]), /Input\/output error|EIO/i, 'the write fails with the target\'s EIO');
+  const answered = fs
+    .readFileSync(log, 'utf8')
+    .split('\n')
+    .filter((l) => /\.\.\.Write id=\d+/.test(l) && /return=|error/i.test(l)).length;
+  t.equal(answered, pieces, `all ${pieces} pieces were answered before write() rejected`);
+});
+
 t.test('a target past one block-status request reads as zero only if every part of it does', async (t) => {
   // 40 GiB: ten 4 GiB requests, asked several at a time (targets/nbd.ts).
   const size = 40 * 1024 * MiB;

@@ -2,6 +2,7 @@
 
 import { NbdClient } from '../client/client';
 import { parseNbdUri } from '../client/uri';
+import { settleAll } from '../util/settle';
 import type { BackupTarget, TargetOpenOptions } from './types';
 
 /** Block-status requests spent on asking whether a target reads as zeros. */
@@ -235,7 +236,10 @@ export class NbdTarget implements BackupTarget {
       parts.push(this.client.write(at, piece));
       at += piece.reduce((n, b) => n + b.length, 0);
     }
-    await Promise.all(parts);
+    // Not Promise.all: the caller reuses `data` once this settles, and a
+    // piece still queued for a free request slot would then send whatever
+    // the buffer holds by then.
+    await settleAll(parts);
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
