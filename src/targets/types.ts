@@ -19,8 +19,9 @@ export interface BackupTarget {
   /** Largest single write the target takes (the engine coalesces up to this). */
   readonly maxWrite: number;
   /**
-   * At most this many write()s and writeZeroes() at once; the engine keeps
-   * fewer in flight than its own limit (8) when a target sets this.
+   * How many write()s and writeZeroes() are worth having in flight at once
+   * (more still work, they just wait): the copy engine keeps no more than
+   * this, below its own limit of 8.
    */
   readonly maxWritesInFlight?: number;
   /** Data at `offset`, given as buffers to be written back to back (no concat). */
