@@ -230,12 +230,10 @@ export class NbdTarget implements BackupTarget {
     const total = data.reduce((n, b) => n + b.length, 0);
     this.ownWrites?.add(offset, offset + total);
     if (total <= this.requestBytes) return this.client.write(offset, data);
-    const parts: Promise<void>[] = [];
-    let at = offset;
-    for (const piece of splitBuffers(data, this.requestBytes)) {
-      parts.push(this.client.write(at, piece));
-      at += piece.reduce((n, b) => n + b.length, 0);
-    }
+    // Every piece but the last is exactly requestBytes long.
+    const parts = splitBuffers(data, this.requestBytes).map((piece, k) =>
+      this.client.write(offset + k * this.requestBytes, piece),
+    );
     // Not Promise.all: the caller reuses `data` once this settles, and a
     // piece still queued for a free request slot would then send whatever
     // the buffer holds by then.
