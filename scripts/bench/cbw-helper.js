@@ -273,7 +273,7 @@ function report(runsFile, outFile, partial) {
   const A = recs.filter((r) => r.section === 'A');
   if (A.length) {
     print('');
-    print(`A. fio 32k randwrite QD8, ${meta.seconds}s, 1 GiB random disk on /dev/shm (qemu-nbd) -> nbd-cbw; target nbdkit file + delay ${meta.targetDelay} + rate ${meta.targetRate} bit/s`);
+    print(`A. fio 32k randwrite QD8, ${meta.seconds}s, 1 GiB random disk on /dev/shm (qemu-nbd) -> nbd-cbw; target nbdkit file${meta.targetPrealloc === 1 ? ' (allocated, BENCH_TARGET_PREALLOC=1)' : ''} + delay ${meta.targetDelay} + rate ${meta.targetRate} bit/s`);
     print(table(LIVE_HEADERS, liveRows(A, A_LABEL, 'a')));
     const m = (v) => mean(A.filter((r) => r.variant === v).map((r) => r.fio?.iops));
     const s = { meanIops: { a: m('a'), b: m('b'), c: m('c') } };
@@ -295,7 +295,7 @@ function report(runsFile, outFile, partial) {
   if (B.length) {
     const setup = recs.find((r) => r.section === 'B-setup') ?? {};
     print('');
-    print(`B. same fio on a 4 GiB random disk, --buffer 256M; source ${setup.sourceDir ?? '?'}, target ${setup.targetDir ?? '?'}, spill ${setup.spillDir ?? '?'} (MemAvailable ${setup.memAvailableGiB ?? '?'} GiB at start)`);
+    print(`B. same fio on a 4 GiB random disk, --buffer 256M; source ${setup.sourceDir ?? '?'}, target ${setup.targetDir ?? '?'}, spill ${setup.spillDir ?? '?'}${meta.targetPrealloc === 1 ? ', target file allocated (BENCH_TARGET_PREALLOC=1)' : ''} (MemAvailable ${setup.memAvailableGiB ?? '?'} GiB at start)`);
     print(table(LIVE_HEADERS, liveRows(B, B_LABEL, 'none')));
     const m = (v, f) => mean(B.filter((r) => r.variant === v).map(f));
     const s = {
