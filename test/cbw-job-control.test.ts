@@ -29,12 +29,17 @@
 // - a qemu-nbd source that takes one client (no --shared): the job's second
 //   connection for the sweep times out, nbd-cbw says so and why, and the job
 //   completes exactly over the guest's connection;
+// - a loop device as a file: target (an LV or a disk in real use): one
+//   smaller than the disk, and /dev/null, are refused before any job starts;
+//   one a little larger ends exact under guest writes, zero ranges written
+//   over its old bytes, nothing past the disk's size touched;
 // - `status --json` fields; clear one-line errors for bad input (bad target
 //   URI, --buffer 12Q, a second job while one runs: 409).
 
 import t, { type Test } from 'tap';
 import * as fs from 'node:fs';
-import { MiB, NBD_CBW_BIN, makeImage, readAt, run, sleep, startNbdCbw, startNbdkit, startQemuNbd, tmpPath, type Peer } from './helpers/peers';
+import { execFileSync } from 'node:child_process';
+import { MiB, NBD_CBW_BIN, canUseLoopDevices, makeImage, readAt, run, sleep, startNbdCbw, startNbdkit, startQemuNbd, tmpPath, type Peer } from './helpers/peers';
 import {
   backupAction,
   backupStart,
@@ -45,6 +50,7 @@ import {
   controlHttp,
   controlOf,
   guestCommands,
+  guestMustSucceed,
   makeMixedImage,
   nbdToFile,
   qemuIo,
@@ -566,6 +572,57 @@ t.test('data goes to the target while its zero probe runs; zero ranges wait for 
 });
 
 // ------------------------------------------------------------ bad input
+
+// A loop device stands in for an LV or a disk; it needs root and losetup.
+const loopOk = canUseLoopDevices();
+
+t.test('a block device as a file: target: a big enough one ends exact; a smaller one and /dev/null are refused at once', { skip: !loopOk && 'needs root and losetup' }, async (t) => {
+  const r = await serve(t, 909);
+  const loops: string[] = [];
+  t.teardown(() => {
+    for (const l of loops) execFileSync('losetup', ['-d', l]);
+  });
+  /** A loop device over a file of `size` bytes of 0xa5, so zero ranges the target is not told of would show. */
+  const loopOver = (backing: string, size: number): string => {
+    fs.writeFileSync(backing, Buffer.alloc(size, 0xa5));
+    const dev = execFileSync('losetup', ['-f', '--show', backing], { encoding: 'utf8' }).trim();
+    loops.push(dev);
+    return dev;
+  };
+
+  const smallBacking = tmpPath(t, 'small', '.img');
+  const small = loopOver(smallBacking, SIZE / 2);
+  const refused = await cli(['backup', 'start', '--control', r.control, '--target', `file:${small}`]);
+  t.not(refused.code, 0, 'a block device smaller than the disk: non-zero exit');
+  oneLine(t, refused.stderr, new RegExp(`^nbd-cbw: error: target block device ${small} is ${SIZE / 2} bytes, smaller than the ${SIZE}-byte disk`), 'smaller block device');
+  t.ok(fs.readFileSync(smallBacking).equals(Buffer.alloc(SIZE / 2, 0xa5)), 'nothing was written to it');
+
+  const devNull = await cli(['backup', 'start', '--control', r.control, '--target', 'file:/dev/null']);
+  t.not(devNull.code, 0, '/dev/null: non-zero exit');
+  oneLine(t, devNull.stderr, /^nbd-cbw: error: target \/dev\/null is not a regular file or a block device, so it cannot hold the backup/, '/dev/null');
+  t.same((await controlHttp(r.control, 'GET', '/v1/jobs')).body, [], 'neither refused start left a job behind');
+
+  const bigBacking = tmpPath(t, 'big', '.img');
+  const big = loopOver(bigBacking, SIZE + 4 * MiB);
+  const started = await backupStart(r.control, `file:${big}`);
+  // The guest writes over clusters the job may not have saved yet.
+  await guestMustSucceed(t, r.cbw.uri, guestCommands(mulberry32(909), SIZE, 24), 'guest writes during the backup');
+  const end = await backupWait(r.control, started.id);
+  t.equal(end.code, 0, `the job completed (${end.last?.state} ${end.last?.error ?? ''})`);
+  t.ok((end.last?.bytesSkipped ?? 0) > 0, 'the disk had zero ranges, written to the device as zeroes');
+  execFileSync('losetup', ['-d', loops.pop() as string]);
+  const onDevice = tmpPath(t, 'ondevice', '.raw');
+  const fd = fs.openSync(bigBacking, 'r');
+  const head = Buffer.alloc(SIZE);
+  t.equal(fs.readSync(fd, head, 0, SIZE, 0), SIZE, 'read back the disk-sized head of the device');
+  const tail = Buffer.alloc(4 * MiB);
+  t.equal(fs.readSync(fd, tail, 0, tail.length, SIZE), tail.length, 'and the rest');
+  fs.closeSync(fd);
+  fs.writeFileSync(onDevice, head);
+  const diff = compareImages(r.snapshot, onDevice);
+  t.equal(diff, null, diff ? `device differs: ${diff}` : 'the device holds the point-in-time image');
+  t.ok(tail.equals(Buffer.alloc(tail.length, 0xa5)), 'and nothing past the disk\'s size was touched');
+});
 
 t.test('bad input gets clear one-line errors', async (t) => {
   const target = await memoryTarget(t, ['--filter=rate'], ['rate=100M']);

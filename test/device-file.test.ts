@@ -6,6 +6,7 @@ import { execFileSync } from 'node:child_process';
 import { FileDevice, MAX_EXTENTS, MAX_EXTENT_LENGTH, nbdErrorFor } from '../src/device/file';
 import { ADDON_PATH, loadFileOps } from '../src/device/native';
 import { DeviceError, type Extent } from '../src/device/types';
+import { canUseLoopDevices } from './helpers/peers';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -456,15 +457,7 @@ t.test('fs error codes map onto NBD errors', async (t) => {
 });
 
 // Block devices need root and a loop device; skipped elsewhere.
-const loopOk = (() => {
-  if (process.getuid?.() !== 0) return false;
-  try {
-    execFileSync('losetup', ['--version'], { stdio: 'ignore' });
-    return fs.existsSync('/dev/loop-control');
-  } catch {
-    return false;
-  }
-})();
+const loopOk = canUseLoopDevices();
 
 t.test('block device (loop)', { skip: !loopOk && 'needs root and losetup' }, async (t) => {
   const backing = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-cbw-loop-')), 'backing.img');

@@ -82,7 +82,11 @@ export function registerBackup(program: Command): void {
   const start = backup
     .command('start')
     .description('start a backup: the target ends up holding the disk exactly as it is now')
-    .requiredOption('-t, --target <TARGET>', 'file:PATH, nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH')
+    .requiredOption(
+      '-t, --target <TARGET>',
+      'file:PATH (a file, created sparse if new, or a block device), nbd[s]://HOST[:PORT]/EXPORT, ' +
+        'nbd[s]+unix:///EXPORT?socket=PATH, or a chunk store: dir:PATH or s3://BUCKET/PREFIX',
+    )
     .option('--json', 'print the job as JSON (with --wait: a JSON line per update, as `backup wait --json`)')
     .option('-w, --wait', 'then wait for the job to end, as `backup wait` does: progress, exit status 0 only if it completed')
     .option('--interval <MS>', 'with --wait: progress update interval in milliseconds', '1000');

@@ -85,7 +85,7 @@ export function registerRestore(program: Command): void {
   const restore = program
     .command('restore <BACKUP>')
     .description('restore a chunked backup (dir:PATH or s3://BUCKET/PREFIX) to a file or NBD export; every chunk is checked against its digest')
-    .requiredOption('--to <TARGET>', 'file:PATH (created sparse), nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH')
+    .requiredOption('--to <TARGET>', 'file:PATH (a file, created sparse if new, or a block device), nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH')
     .option('--concurrency <N>', 'chunks fetched and written at once', '8');
   addStoreOptions(restore);
   restore.action(async (location: string, o: StoreCliOptions & { to: string }) => {

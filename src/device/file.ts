@@ -132,19 +132,22 @@ function devMajorMinor(rdev: bigint): [bigint, bigint] {
   return [major, minor];
 }
 
-/** A block device's size from sysfs (st_size is 0 for block devices). */
-async function blockDeviceSize(path: string, rdev: bigint): Promise<number> {
+/**
+ * A block device's size from sysfs (st_size is 0 for block devices).
+ * `label` starts the error message (e.g. "file source /dev/sdb").
+ */
+export async function blockDeviceSize(label: string, rdev: bigint): Promise<number> {
   const [major, minor] = devMajorMinor(rdev);
   const sysfs = `/sys/dev/block/${major}:${minor}/size`;
   let text: string;
   try {
     text = await fs.promises.readFile(sysfs, 'utf8');
   } catch (err) {
-    throw new Error(`file source ${path}: cannot determine the block device's size (${sysfs}: ${errCode(err) ?? err})`);
+    throw new Error(`${label}: cannot determine the block device's size (${sysfs}: ${errCode(err) ?? err})`);
   }
   const sectors = Number(text.trim());
   if (!Number.isSafeInteger(sectors) || sectors < 0) {
-    throw new Error(`file source ${path}: cannot determine the block device's size (${sysfs} says ${JSON.stringify(text.trim())})`);
+    throw new Error(`${label}: cannot determine the block device's size (${sysfs} says ${JSON.stringify(text.trim())})`);
   }
   return sectors * 512;
 }
@@ -229,7 +232,7 @@ export class FileDevice implements BlockDevice {
         size = Number(st.size);
       } else if (st.isBlockDevice()) {
         isBlock = true;
-        size = await blockDeviceSize(path, st.rdev);
+        size = await blockDeviceSize(`file source ${path}`, st.rdev);
       } else if (st.isDirectory()) {
         throw new Error(`file source ${path}: is a directory`);
       } else {

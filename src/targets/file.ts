@@ -1,8 +1,13 @@
 // file:PATH target: a raw image. A new file is created sparse at the disk's
 // size and so reads as zeros; an existing file must be at least that size
-// and is only trusted to read as zeros with --target-is-zero.
+// and is only trusted to read as zeros with --target-is-zero. PATH may also
+// be a block device (an LV, a disk), which must be at least the disk's size
+// and reads as zeros only with --target-is-zero; anything else (a character
+// device such as /dev/null, a FIFO) is refused, since it cannot hold the
+// backup that completion would report.
 
 import fs from 'node:fs';
+import { blockDeviceSize } from '../device/file';
 import { loadFileOps } from '../device/native';
 import type { BackupTarget, TargetOpenOptions } from './types';
 
@@ -42,15 +47,23 @@ export class FileTarget implements BackupTarget {
         throw new Error(`cannot open target file ${path}: ${(e2 as Error).message}`);
       }
     }
-    const st = fs.fstatSync(fd);
-    if (created) {
-      fs.ftruncateSync(fd, opts.size);
-    } else if (st.isFile() && st.size < opts.size) {
+    try {
+      const st = fs.fstatSync(fd, { bigint: true });
+      if (created) {
+        fs.ftruncateSync(fd, opts.size);
+      } else if (st.isBlockDevice()) {
+        const size = await blockDeviceSize(`target block device ${path}`, st.rdev);
+        if (size < opts.size) throw new Error(`target block device ${path} is ${size} bytes, smaller than the ${opts.size}-byte disk`);
+      } else if (!st.isFile()) {
+        throw new Error(`target ${path} is not a regular file or a block device, so it cannot hold the backup`);
+      } else if (st.size < BigInt(opts.size)) {
+        if (st.size !== 0n) throw new Error(`target file ${path} is ${st.size} bytes, smaller than the ${opts.size}-byte disk`);
+        fs.ftruncateSync(fd, opts.size);
+        created = true;
+      }
+    } catch (e) {
       fs.closeSync(fd);
-      throw new Error(`target file ${path} is ${st.size} bytes, smaller than the ${opts.size}-byte disk`);
-    } else if (st.isFile() && st.size === 0) {
-      fs.ftruncateSync(fd, opts.size);
-      created = true;
+      throw e;
     }
     return new FileTarget(fd, `file ${path}`, created || !!opts.targetIsZero);
   }

@@ -12,7 +12,7 @@
 // (nbdkit, then nbd-cbw in front of it): clients are stopped first, which
 // nbdkit needs (1.32 does not exit on SIGTERM while a client is connected).
 
-import { spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
@@ -198,6 +198,20 @@ export function tmpDir(t: Test): string {
 
 let uniqueCounter = 0;
 /** A path in the test's tmp dir that nothing has used yet: `prefix-N.ext`. */
+/**
+ * Whether this machine can make loop devices (root, losetup, the loop
+ * driver): tests of block devices use them, and say why they skip without.
+ */
+export function canUseLoopDevices(): boolean {
+  if (process.getuid?.() !== 0) return false;
+  try {
+    execFileSync('losetup', ['--version'], { stdio: 'ignore' });
+    return fs.existsSync('/dev/loop-control');
+  } catch {
+    return false;
+  }
+}
+
 export function tmpPath(t: Test, prefix: string, ext = ''): string {
   return path.join(tmpDir(t), `${prefix}-${++uniqueCounter}${ext}`);
 }
