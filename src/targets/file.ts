@@ -47,10 +47,18 @@ export class FileTarget implements BackupTarget {
         throw new Error(`cannot open target file ${path}: ${(e2 as Error).message}`);
       }
     }
+    const madeHere = created;
+    const sizeTo = (size: number): void => {
+      try {
+        fs.ftruncateSync(fd, size);
+      } catch (e) {
+        throw new Error(`cannot make target file ${path} ${size} bytes long: ${(e as Error).message}`);
+      }
+    };
     try {
       const st = fs.fstatSync(fd, { bigint: true });
       if (created) {
-        fs.ftruncateSync(fd, opts.size);
+        sizeTo(opts.size);
       } else if (st.isBlockDevice()) {
         const size = await blockDeviceSize(`target block device ${path}`, st.rdev);
         if (size < opts.size) throw new Error(`target block device ${path} is ${size} bytes, smaller than the ${opts.size}-byte disk`);
@@ -58,11 +66,13 @@ export class FileTarget implements BackupTarget {
         throw new Error(`target ${path} is not a regular file or a block device, so it cannot hold the backup`);
       } else if (st.size < BigInt(opts.size)) {
         if (st.size !== 0n) throw new Error(`target file ${path} is ${st.size} bytes, smaller than the ${opts.size}-byte disk`);
-        fs.ftruncateSync(fd, opts.size);
+        sizeTo(opts.size);
         created = true;
       }
     } catch (e) {
       fs.closeSync(fd);
+      // A file this call created and could not size is of no use to anyone.
+      if (madeHere) fs.rmSync(path, { force: true });
       throw e;
     }
     return new FileTarget(fd, `file ${path}`, created || !!opts.targetIsZero);
