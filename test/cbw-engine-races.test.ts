@@ -16,11 +16,13 @@ import t, { type Test } from 'tap';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import * as v8 from 'node:v8';
+import * as vm from 'node:vm';
 import { CbwFilter, type CbwErrorPolicy } from '../src/cbw/filter';
 import { CopyEngine, DEFAULT_ENGINE_OPTIONS, spillShare, sweepShare, type CopyEngineOptions } from '../src/copy/engine';
 import { DeviceError, type BlockDevice, type DeviceCapabilities, type Extent, type ZeroOptions } from '../src/device/types';
 import type { BackupTarget } from '../src/targets/types';
-import { mulberry32 } from './helpers/peers';
+import { mulberry32, openSpillFiles } from './helpers/peers';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -874,6 +876,55 @@ t.test('cancel mid-way: state cancelled, done rejects, buffer released', async (
   const writesAfter = r.target.writeCalls;
   await sleep(30);
   t.equal(r.target.writeCalls, writesAfter, 'no target writes after the cancel settled');
+});
+
+t.test('a completed job lets go of its buffer while it is still referenced: RAM freed, spill file closed', async (t) => {
+  // The server keeps ended jobs (and their engines) for `backup status`; a
+  // completed one must not keep its buffer's memory or spill file with it.
+  v8.setFlagsFromString('--expose-gc');
+  const gc = vm.runInNewContext('gc') as () => void;
+  const arrayBuffers = async (): Promise<number> => {
+    // Backing stores are freed by a sweeper after the collection: settle first.
+    for (let i = 0; i < 3; i++) {
+      gc();
+      await sleep(10);
+    }
+    return process.memoryUsage().arrayBuffers;
+  };
+  const dir = spillTmp(t);
+  const r = await rig(t, {
+    seed: 31,
+    size: 8 * MiB,
+    target: { writeDelayMs: 1, maxWrite: 64 * KiB },
+    engine: { bufferBytes: 64 * MiB, spillDir: dir, targetWriters: 1 },
+  });
+  const withBuffer = await arrayBuffers();
+  t.equal(openSpillFiles(dir).length, 1, 'the spill file is made when the job starts');
+  r.engine.start();
+  const guest = guestLoad(r.filter, mulberry32(31), { ops: 300, concurrency: 8, clusterSize: r.cs }, { ops: 0, errors: [] });
+  await within(guest, 20_000, () => 'guest writes');
+  await within(r.engine.done, 20_000, () => `job did not complete: ${JSON.stringify(r.engine.progress())}`);
+  exact(t, r, 'the job completed exact');
+  t.ok(r.engine.progress().bufferHighWater > 0, 'the guest saved clusters in the buffer');
+  // The close itself is asynchronous (after the spill file's last operation).
+  for (let i = 0; i < 100 && openSpillFiles(dir).length > 0; i++) await sleep(20);
+  t.equal(openSpillFiles(dir).length, 0, 'the spill file is closed once the job completed');
+  // The guest share of a 64 MiB --buffer is about 56 MiB, reserved when the
+  // job started; with it still held, the drop would be near zero.
+  const after = await arrayBuffers();
+  t.ok(
+    withBuffer - after >= 32 * MiB,
+    `the buffer's memory went with the job: ${((withBuffer - after) / MiB).toFixed(1)} MiB freed (engine still referenced: ${r.engine.state})`,
+  );
+});
+
+t.test('a spill directory that cannot hold a spill file is refused when the job is made', async (t) => {
+  const dir = path.join(spillTmp(t), 'missing');
+  await t.rejects(
+    rig(t, { seed: 32, engine: { bufferBytes: 1 * MiB, spillDir: dir } }),
+    { message: new RegExp(`^cannot create a spill file in ${dir}: ENOENT: no such file or directory$`) },
+    'no such directory: refused with the reason',
+  );
 });
 
 t.test('cancel while guest writes wait for a full tiny buffer', async (t) => {

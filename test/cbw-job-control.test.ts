@@ -34,7 +34,8 @@
 //   one a little larger ends exact under guest writes, zero ranges written
 //   over its old bytes, nothing past the disk's size touched;
 // - `status --json` fields; clear one-line errors for bad input (bad target
-//   URI, --buffer 12Q, a second job while one runs: 409).
+//   URI, --buffer 12Q, a --spill-dir that does not exist, refused before a
+//   new target file is made, a second job while one runs: 409).
 
 import t, { type Test } from 'tap';
 import * as fs from 'node:fs';
@@ -651,6 +652,12 @@ t.test('bad input gets clear one-line errors', async (t) => {
   const dur = await cli(['backup', 'start', '--control', r.control, '--target', target.uri, '--cbw-timeout', 'soon']);
   t.not(dur.code, 0, '--cbw-timeout soon: non-zero exit');
   oneLine(t, dur.stderr, /bad duration "soon"/, '--cbw-timeout soon');
+
+  const spillTarget = tmpPath(t, 'spill-refused', '.raw');
+  const spill = await cli(['backup', 'start', '--control', r.control, '--target', `file:${spillTarget}`, '--spill-dir', `${spillTarget}.nodir`]);
+  t.not(spill.code, 0, '--spill-dir that does not exist: non-zero exit');
+  oneLine(t, spill.stderr, /^nbd-cbw: error: cannot create a spill file in \S+\.nodir: ENOENT: no such file or directory$/, '--spill-dir that does not exist');
+  t.notOk(fs.existsSync(spillTarget), 'and the new target file was not made');
 
   const noCtl = await cli(['backup', 'status'], 30_000, { ...process.env, NBD_CBW_CONTROL: '' });
   t.not(noCtl.code, 0, 'no control address: non-zero exit');

@@ -9,6 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { CowBuffer } from '../src/copy/cow-buffer';
 import type { BackupTarget } from '../src/targets/types';
+import { openSpillFiles } from './helpers/peers';
 
 const K = 1024;
 const CS = 64 * K;
@@ -126,20 +127,6 @@ for (const [maxClusters, mostRuns] of [
     t.equal(buffer.spillBytes, 0, 'the spill file gave every slot back');
     buffer.stop(new Error('test over'));
   });
-}
-
-/** Open descriptors of this process on spill files in `dir` (unlinked at once, so "(deleted)"). */
-function openSpillFiles(dir: string): string[] {
-  const out: string[] = [];
-  for (const fd of fs.readdirSync('/proc/self/fd')) {
-    try {
-      const to = fs.readlinkSync(`/proc/self/fd/${fd}`);
-      if (to.startsWith(path.join(dir, 'nbd-cbw-spill-'))) out.push(to);
-    } catch {
-      // closed meanwhile (the readdir's own descriptor)
-    }
-  }
-  return out;
 }
 
 t.test('stopping with runs still spilled closes the spill file and counts nothing spilled', async (t) => {

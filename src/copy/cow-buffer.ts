@@ -89,6 +89,23 @@ export interface CowBufferEvents {
   fullWait(): void;
 }
 
+/**
+ * A new spill file in `dir`, open read-write and already unlinked, so that
+ * its space goes away with the process, even on a crash. Throws a one-line
+ * reason when `dir` cannot hold one.
+ */
+export function makeSpillFile(dir: string): number {
+  const p = path.join(dir, `nbd-cbw-spill-${process.pid}-${Date.now()}`);
+  let fd: number;
+  try {
+    fd = fs.openSync(p, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
+  } catch (e) {
+    throw new Error(`cannot create a spill file in ${dir}: ${(e as Error).message.replace(/, open .*$/, '')}`);
+  }
+  fs.unlinkSync(p);
+  return fd;
+}
+
 export class CowBuffer {
   /** Guest-saved runs in RAM. */
   readonly ram: Budget;
@@ -147,6 +164,10 @@ export class CowBuffer {
     private readonly opts: CowBufferOptions,
     private readonly events: CowBufferEvents,
   ) {
+    // The spill file is made now, not when RAM first runs out: a spill
+    // directory that does not exist or cannot be written is then an error
+    // at the backup's start, not a failed backup once the guest needs it.
+    if (opts.spillDir !== undefined) this.openSpill();
     this.ram = new Budget(opts.ramBytes);
     this.background = new Budget(opts.backgroundBytes);
     this.ramBuffers = new BudgetBuffers(this.ram);
@@ -498,12 +519,7 @@ export class CowBuffer {
   // ------------------------------------------------------------ spill file
 
   private openSpill(): number {
-    if (this.spillFd !== null) return this.spillFd;
-    const dir = this.opts.spillDir as string;
-    const p = path.join(dir, `nbd-cbw-spill-${process.pid}-${Date.now()}`);
-    this.spillFd = fs.openSync(p, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
-    // Unlinked at once: the space goes away with the process, even on a crash.
-    fs.unlinkSync(p);
+    if (this.spillFd === null) this.spillFd = makeSpillFile(this.opts.spillDir as string);
     return this.spillFd;
   }
 

@@ -809,6 +809,9 @@ export class CopyEngine extends EventEmitter {
         await this.target.close(true);
         if (!this.isActive) return;
         this.stateValue = 'completed';
+        // Let go of the buffer's memory and spill file now: the server keeps
+        // ended jobs for their status, and with them this engine.
+        this.buffer.stop(new Error('the backup completed'));
         this.finished.resolve();
         this.emit('completed');
         this.kick(); // let idle workers see the end

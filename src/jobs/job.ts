@@ -3,7 +3,9 @@
 // engine saw every cluster reach the target and the target committed.
 
 import { EventEmitter } from 'node:events';
+import fs from 'node:fs';
 import { CbwFilter, type CbwErrorPolicy } from '../cbw/filter';
+import { makeSpillFile } from '../copy/cow-buffer';
 import { CopyEngine, DEFAULT_ENGINE_OPTIONS, type CopyEngineOptions, type EngineProgress, type EngineState } from '../copy/engine';
 import { openTarget } from '../targets/open';
 import type { BackupTarget } from '../targets/types';
@@ -191,6 +193,14 @@ export class JobManager extends EventEmitter {
     let target: BackupTarget | null = null;
     try {
       const size = this.filter.size;
+      // Before the target: a refused start must not leave a new target file.
+      if (req.spillDir !== undefined) {
+        try {
+          fs.closeSync(makeSpillFile(req.spillDir));
+        } catch (e) {
+          throw new RequestError(400, (e as Error).message);
+        }
+      }
       try {
         target = await openTarget(req.target, {
           size,

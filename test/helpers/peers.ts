@@ -212,6 +212,20 @@ export function canUseLoopDevices(): boolean {
   }
 }
 
+/** Open descriptors of this process on spill files in `dir` (unlinked at once, so "(deleted)"). */
+export function openSpillFiles(dir: string): string[] {
+  const out: string[] = [];
+  for (const fd of fs.readdirSync('/proc/self/fd')) {
+    try {
+      const to = fs.readlinkSync(`/proc/self/fd/${fd}`);
+      if (to.startsWith(path.join(dir, 'nbd-cbw-spill-'))) out.push(to);
+    } catch {
+      // closed meanwhile (the readdir's own descriptor)
+    }
+  }
+  return out;
+}
+
 export function tmpPath(t: Test, prefix: string, ext = ''): string {
   return path.join(tmpDir(t), `${prefix}-${++uniqueCounter}${ext}`);
 }
