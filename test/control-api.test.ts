@@ -166,7 +166,7 @@ t.test('bad requests get clear 4xx errors', async (t) => {
   }
   clientError(t, await httpRequest(ctl, 'GET', '/v1/jobs/no-such-job'), 404, /no job/, 'an unknown job');
   clientError(t, await httpRequest(ctl, 'POST', '/v1/jobs/no-such-job/cancel'), 404, /no job/, 'cancelling an unknown job');
-  clientError(t, await httpRequest(ctl, 'GET', '/v1/jobs/current'), 404, /no job/, 'the current job when there is none');
+  clientError(t, await httpRequest(ctl, 'GET', '/v1/jobs/current'), 404, /^no backup job has run on this export yet$/, 'the current job when there is none');
   clientError(t, await httpRequest(ctl, 'GET', '/v2/jobs'), 404, /no route/, 'an unknown route');
   clientError(t, await httpRequest(ctl, 'GET', '/'), 404, /no route/, 'the root');
   clientError(t, await httpRequest(ctl, 'GET', '/v1/nothing'), 404, /no route/, 'an unknown /v1 route');

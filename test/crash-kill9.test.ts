@@ -13,7 +13,7 @@
 //
 // Then nbd-cbw is started again on the same source and socket: it serves
 // (qemu-io reads, qemu-img compare agrees with the file), it has no job
-// history (`backup status` fails with "no job"), and the target the killed
+// history (`backup status` fails: no backup job has run), and the target the killed
 // process left behind is incomplete (differs from the snapshot), so nothing
 // could take it for a finished backup.
 
@@ -104,7 +104,7 @@ t.test('SIGKILL during a backup under guest writes: every acknowledged write is 
     timeoutMs: 20_000,
   });
   t.not(status.code, 0, '`backup status` fails after the restart', { out: status.describe() });
-  t.match(status.stderr, /no job/, 'with "no job"');
+  t.match(status.stderr, /no backup job has run on this export yet/, 'saying no job has run');
   t.notMatch(status.stdout, /completed/, 'and shows no completed job');
   const list = await httpRequest(ctl, 'GET', '/v1/jobs');
   t.equal(list.status, 200, 'GET /v1/jobs answers');

@@ -121,7 +121,13 @@ export class ControlServer {
       return sendJson(res, 405, { error: `${method} not allowed on /v1/jobs` });
     }
     const job = jobs.find(decodeURIComponent(parts[2]));
-    if (!job) return sendJson(res, 404, { error: `no job "${parts[2]}"` });
+    if (!job) {
+      const which = decodeURIComponent(parts[2]);
+      // `backup status` (and wait, pause, ...) without a JOB ask for "current".
+      const error =
+        which === 'current' || which === 'latest' ? 'no backup job has run on this export yet' : `no job "${which}"`;
+      return sendJson(res, 404, { error });
+    }
     if (parts.length === 3) {
       if (method !== 'GET') return sendJson(res, 405, { error: `${method} not allowed here` });
       const wait = url.searchParams.get('wait');
