@@ -34,8 +34,9 @@
 //   one a little larger ends exact under guest writes, zero ranges written
 //   over its old bytes, nothing past the disk's size touched;
 // - `status --json` fields; clear one-line errors for bad input (bad target
-//   URI, --buffer 12Q, a --spill-dir that does not exist, refused before a
-//   new target file is made, a second job while one runs: 409).
+//   URI, --buffer 12Q, --cbw-timeout 0, --workers 1000, a --spill-dir that
+//   does not exist, refused before a new target file is made, a second job
+//   while one runs: 409).
 
 import t, { type Test } from 'tap';
 import * as fs from 'node:fs';
@@ -652,6 +653,16 @@ t.test('bad input gets clear one-line errors', async (t) => {
   const dur = await cli(['backup', 'start', '--control', r.control, '--target', target.uri, '--cbw-timeout', 'soon']);
   t.not(dur.code, 0, '--cbw-timeout soon: non-zero exit');
   oneLine(t, dur.stderr, /bad duration "soon"/, '--cbw-timeout soon');
+
+  const zeroTimeout = await cli(['backup', 'start', '--control', r.control, '--target', target.uri, '--cbw-timeout', '0']);
+  t.not(zeroTimeout.code, 0, '--cbw-timeout 0: non-zero exit');
+  oneLine(t, zeroTimeout.stderr, /^nbd-cbw: error: bad --cbw-timeout "0": must be at least 1ms$/, '--cbw-timeout 0');
+  const apiZero = await controlHttp(r.control, 'POST', '/v1/jobs', { target: target.uri, cbwTimeoutMs: 0 });
+  t.equal(apiZero.status, 400, 'the API refuses cbwTimeoutMs 0 too');
+
+  const manyWorkers = await cli(['backup', 'start', '--control', r.control, '--target', target.uri, '--workers', '1000']);
+  t.not(manyWorkers.code, 0, '--workers 1000: non-zero exit');
+  oneLine(t, manyWorkers.stderr, /^nbd-cbw: error: bad --workers "1000": expected an integer from 1 to 256$/, '--workers 1000');
 
   const spillTarget = tmpPath(t, 'spill-refused', '.raw');
   const spill = await cli(['backup', 'start', '--control', r.control, '--target', `file:${spillTarget}`, '--spill-dir', `${spillTarget}.nodir`]);

@@ -24,11 +24,11 @@ export function addBackupOptions(cmd: Command): Command {
   cmd
     .option('--buffer <SIZE>', 'RAM for old data awaiting the target, the background copy\'s reads included (from 32M up, an eighth of it, at most 32M); 0 = guest writes wait for the target', '256M')
     .option('--spill-dir <DIR>', 'when the RAM buffer is full, spill to a file here instead of making the guest wait (from 32M up, --buffer also holds the data passing to and from that file: one --max-chunk run in, up to an eighth out)')
-    .option('--workers <N>', 'background copy workers', '16')
+    .option('--workers <N>', 'background copy workers (1-256)', '16')
     .option('--cluster-size <SIZE>', 'copy granularity (power of two)', '64K')
     .option('--max-chunk <SIZE>', 'largest coalesced read and target write (an NBD target gets it as WRITE requests of at most 1M)', '4M')
     .option('--speed <SIZE>', 'limit the background copy to SIZE bytes/s (guest-triggered copies are not limited); 0 = unlimited', '0')
-    .option('--cbw-timeout <DURATION>', 'how long a guest write may wait for its old data to be saved (e.g. 5s, 500ms)', '5s')
+    .option('--cbw-timeout <DURATION>', 'how long a guest write may wait for its old data to be saved (e.g. 5s, 500ms; at least 1ms)', '5s')
     .addOption(
       new Option('--on-cbw-error <POLICY>', 'when saving old data fails or times out: fail the backup, or fail the guest write')
         .choices(['break-snapshot', 'break-guest-write'])
@@ -56,10 +56,20 @@ export function parseDuration(text: string): number {
   return Math.round(unit === 'ms' ? v : unit === 'm' ? v * 60_000 : v * 1000);
 }
 
-function parseCount(text: string, what: string): number {
+function parseCount(text: string, what: string, max: number): number {
   const n = Number(text);
-  if (!Number.isInteger(n) || n < 1) throw new Error(`bad ${what} "${text}": expected a positive integer`);
+  if (!Number.isInteger(n) || n < 1 || n > max) throw new Error(`bad ${what} "${text}": expected an integer from 1 to ${max}`);
   return n;
+}
+
+/**
+ * At least 1 ms: with 0 every guest write that must first save old data
+ * would time out at once, failing the backup (or the write) on the spot.
+ */
+function parseCbwTimeout(text: string): number {
+  const ms = parseDuration(text);
+  if (ms < 1) throw new Error(`bad --cbw-timeout "${text}": must be at least 1ms`);
+  return ms;
 }
 
 export function toBackupRequest(target: string, o: BackupCliOptions): BackupRequest {
@@ -67,11 +77,11 @@ export function toBackupRequest(target: string, o: BackupCliOptions): BackupRequ
     target,
     bufferBytes: parseSize(o.buffer ?? '256M', '--buffer'),
     spillDir: o.spillDir,
-    workers: parseCount(o.workers ?? '16', '--workers'),
+    workers: parseCount(o.workers ?? '16', '--workers', 256),
     clusterSize: parseSize(o.clusterSize ?? '64K', '--cluster-size'),
     maxChunk: parseSize(o.maxChunk ?? '4M', '--max-chunk'),
     speed: parseSize(o.speed ?? '0', '--speed'),
-    cbwTimeoutMs: parseDuration(o.cbwTimeout ?? '5s'),
+    cbwTimeoutMs: parseCbwTimeout(o.cbwTimeout ?? '5s'),
     onCbwError: (o.onCbwError ?? 'break-snapshot') as BackupRequest['onCbwError'],
     targetIsZero: !!o.targetIsZero,
     chunkSize: parseSize(o.chunkSize ?? '4M', '--chunk-size'),

@@ -67,6 +67,7 @@ export function validateRequest(req: BackupRequest): void {
   nonNeg(req.bufferBytes, 'bufferBytes');
   nonNeg(req.speed, 'speed');
   nonNeg(req.cbwTimeoutMs, 'cbwTimeoutMs');
+  if (req.cbwTimeoutMs === 0) bad('"cbwTimeoutMs" must be at least 1');
   if (req.workers !== undefined && (!Number.isInteger(req.workers) || req.workers < 1 || req.workers > 256)) bad('"workers" must be 1-256');
   if (req.clusterSize !== undefined) {
     const c = req.clusterSize;
