@@ -29,6 +29,8 @@
 // - a qemu-nbd source that takes one client (no --shared): the job's second
 //   connection for the sweep times out, nbd-cbw says so and why, and the job
 //   completes exactly over the guest's connection;
+// - the disk itself as a file: target (its path, a symlink, a hard link; a
+//   served loop device under its own node or another) is refused;
 // - a loop device as a file: target (an LV or a disk in real use): one
 //   smaller than the disk, and /dev/null, are refused before any job starts;
 //   one a little larger ends exact under guest writes, zero ranges written
@@ -624,6 +626,40 @@ t.test('a block device as a file: target: a big enough one ends exact; a smaller
   const diff = compareImages(r.snapshot, onDevice);
   t.equal(diff, null, diff ? `device differs: ${diff}` : 'the device holds the point-in-time image');
   t.ok(tail.equals(Buffer.alloc(tail.length, 0xa5)), 'and nothing past the disk\'s size was touched');
+});
+
+t.test('the disk itself as a file: target is refused, whatever path names it', async (t) => {
+  const r = await serve(t, 910);
+  const symlink = tmpPath(t, 'disk-symlink', '.raw');
+  fs.symlinkSync(r.image, symlink);
+  const hardlink = tmpPath(t, 'disk-hardlink', '.raw');
+  fs.linkSync(r.image, hardlink);
+  for (const [what, p] of [['the same path', r.image], ['a symlink', symlink], ['a hard link', hardlink]] as const) {
+    const res = await cli(['backup', 'start', '--control', r.control, '--target', `file:${p}`]);
+    t.not(res.code, 0, `${what}: non-zero exit`);
+    oneLine(t, res.stderr, /^nbd-cbw: error: target \S+ is the disk being backed up: the backup would overwrite the guest's writes with old data$/, what);
+  }
+  t.same((await controlHttp(r.control, 'GET', '/v1/jobs')).body, [], 'no job was started');
+  t.equal(compareImages(r.snapshot, r.image), null, 'the disk is untouched');
+});
+
+t.test('a block device served as the disk is refused as its own target, under another device node too', { skip: !loopOk && 'needs root and losetup' }, async (t) => {
+  const backing = tmpPath(t, 'served', '.img');
+  makeMixedImage(backing, SIZE, 911);
+  const loop = execFileSync('losetup', ['-f', '--show', backing], { encoding: 'utf8' }).trim();
+  t.teardown(() => execFileSync('losetup', ['-d', loop]));
+  const cbw = await startNbdCbw(t, ['--source', `file:${loop}`]);
+  const control = controlOf(cbw);
+  // A second node for the same device, as /dev/mapper and /dev/dm-N are.
+  const [major, minor] = execFileSync('stat', ['-c', '%t %T', loop], { encoding: 'utf8' }).trim().split(' ').map((h) => parseInt(h, 16));
+  const alias = tmpPath(t, 'alias', '.dev');
+  execFileSync('mknod', [alias, 'b', String(major), String(minor)]);
+  for (const [what, p] of [['the device', loop], ['another node for it', alias]] as const) {
+    const res = await cli(['backup', 'start', '--control', control, '--target', `file:${p}`]);
+    t.not(res.code, 0, `${what}: non-zero exit`);
+    oneLine(t, res.stderr, /is the disk being backed up/, what);
+  }
+  t.same((await controlHttp(control, 'GET', '/v1/jobs')).body, [], 'no job was started');
 });
 
 t.test('bad input gets clear one-line errors', async (t) => {

@@ -15,6 +15,7 @@ import {
   type BlockSizes,
   type DeviceCapabilities,
   type Extent,
+  type FileIdentity,
   type WriteOptions,
   type ZeroOptions,
 } from './types';
@@ -166,6 +167,12 @@ export class FileDevice implements BlockDevice {
   private noPunchHole = false;
   private noZeroRange = false;
   private noSeekData = false;
+
+  /** The file or block device served, to tell it from a backup target. */
+  fileIdentity(): FileIdentity {
+    const st = fs.fstatSync(this.fd, { bigint: true });
+    return { dev: st.dev, ino: st.ino, rdev: st.rdev, isBlockDevice: st.isBlockDevice() };
+  }
 
   private constructor(
     readonly path: string,

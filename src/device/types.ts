@@ -54,6 +54,15 @@ export class DeviceError extends Error {
   }
 }
 
+/** What makes a local file or block device itself, whatever path names it. */
+export interface FileIdentity {
+  dev: bigint;
+  ino: bigint;
+  /** The device number, for a block device. */
+  rdev: bigint;
+  isBlockDevice: boolean;
+}
+
 export interface BlockDevice {
   readonly size: number;
   readonly capabilities: DeviceCapabilities;

@@ -7,6 +7,7 @@ import fs from 'node:fs';
 import { CbwFilter, type CbwErrorPolicy } from '../cbw/filter';
 import { makeSpillFile } from '../copy/cow-buffer';
 import { CopyEngine, DEFAULT_ENGINE_OPTIONS, type CopyEngineOptions, type EngineProgress, type EngineState } from '../copy/engine';
+import { FileDevice } from '../device/file';
 import { openTarget } from '../targets/open';
 import type { BackupTarget } from '../targets/types';
 import { VERSION } from '../version';
@@ -203,8 +204,10 @@ export class JobManager extends EventEmitter {
         }
       }
       try {
+        const disk = this.filter.next;
         target = await openTarget(req.target, {
           size,
+          notSameFileAs: disk instanceof FileDevice ? disk.fileIdentity() : undefined,
           targetIsZero: req.targetIsZero,
           chunkSize: req.chunkSize,
           source: this.sourceName,

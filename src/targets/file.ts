@@ -57,6 +57,13 @@ export class FileTarget implements BackupTarget {
     };
     try {
       const st = fs.fstatSync(fd, { bigint: true });
+      const disk = opts.notSameFileAs;
+      if (
+        disk &&
+        ((st.dev === disk.dev && st.ino === disk.ino) || (st.isBlockDevice() && disk.isBlockDevice && st.rdev === disk.rdev))
+      ) {
+        throw new Error(`target ${path} is the disk being backed up: the backup would overwrite the guest's writes with old data`);
+      }
       if (created) {
         sizeTo(opts.size);
       } else if (st.isBlockDevice()) {

@@ -1,3 +1,4 @@
+import type { FileIdentity } from '../device/types';
 import type { S3Settings } from '../store/object-store';
 
 // Backup targets behind one small interface. The copy engine writes each
@@ -44,6 +45,12 @@ export interface TargetOpenOptions {
   /** The user says an existing target already reads as zeros (--target-is-zero). */
   targetIsZero?: boolean;
   maxInFlight?: number;
+  /**
+   * The disk's own file or block device, when it is local: a file: target
+   * that is the same is refused, since the backup's old data would land on
+   * the guest's new writes.
+   */
+  notSameFileAs?: FileIdentity;
   /** Chunked targets: chunk size (default 4 MiB). */
   chunkSize?: number;
   /** Chunked targets: recorded in the manifest. */
