@@ -120,9 +120,9 @@ export class ControlServer {
       }
       return sendJson(res, 405, { error: `${method} not allowed on /v1/jobs` });
     }
-    const job = jobs.find(decodeURIComponent(parts[2]));
+    const which = decodeURIComponent(parts[2]);
+    const job = jobs.find(which);
     if (!job) {
-      const which = decodeURIComponent(parts[2]);
       // `backup status` (and wait, pause, ...) without a JOB ask for "current".
       const error =
         which === 'current' || which === 'latest' ? 'no backup job has run on this export yet' : `no job "${which}"`;

@@ -93,4 +93,6 @@ export interface BlockDevice {
    * so bulk background reads do not queue in front of guest requests.
    */
   reopen?(timeoutMs?: number): Promise<BlockDevice>;
+  /** The local file or block device served, if that is what this is. */
+  fileIdentity?(): FileIdentity;
 }

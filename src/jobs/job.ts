@@ -7,7 +7,6 @@ import fs from 'node:fs';
 import { CbwFilter, type CbwErrorPolicy } from '../cbw/filter';
 import { makeSpillFile } from '../copy/cow-buffer';
 import { CopyEngine, DEFAULT_ENGINE_OPTIONS, type CopyEngineOptions, type EngineProgress, type EngineState } from '../copy/engine';
-import { FileDevice } from '../device/file';
 import { openTarget } from '../targets/open';
 import type { BackupTarget } from '../targets/types';
 import { VERSION } from '../version';
@@ -204,10 +203,9 @@ export class JobManager extends EventEmitter {
         }
       }
       try {
-        const disk = this.filter.next;
         target = await openTarget(req.target, {
           size,
-          notSameFileAs: disk instanceof FileDevice ? disk.fileIdentity() : undefined,
+          notSameFileAs: this.filter.next.fileIdentity?.(),
           targetIsZero: req.targetIsZero,
           chunkSize: req.chunkSize,
           source: this.sourceName,

@@ -47,7 +47,8 @@ export class FileTarget implements BackupTarget {
         throw new Error(`cannot open target file ${path}: ${(e2 as Error).message}`);
       }
     }
-    const madeHere = created;
+    // A new file reads as zeros; so does an empty one this call sizes.
+    let zeroed = created;
     const sizeTo = (size: number): void => {
       try {
         fs.ftruncateSync(fd, size);
@@ -74,15 +75,15 @@ export class FileTarget implements BackupTarget {
       } else if (st.size < BigInt(opts.size)) {
         if (st.size !== 0n) throw new Error(`target file ${path} is ${st.size} bytes, smaller than the ${opts.size}-byte disk`);
         sizeTo(opts.size);
-        created = true;
+        zeroed = true;
       }
     } catch (e) {
       fs.closeSync(fd);
       // A file this call created and could not size is of no use to anyone.
-      if (madeHere) fs.rmSync(path, { force: true });
+      if (created) fs.rmSync(path, { force: true });
       throw e;
     }
-    return new FileTarget(fd, `file ${path}`, created || !!opts.targetIsZero);
+    return new FileTarget(fd, `file ${path}`, zeroed || !!opts.targetIsZero);
   }
 
   write(offset: number, data: readonly Buffer[]): Promise<void> {
