@@ -29,6 +29,11 @@
 // - a qemu-nbd source that takes one client (no --shared): the job's second
 //   connection for the sweep times out, nbd-cbw says so and why, and the job
 //   completes exactly over the guest's connection;
+// - the disk's own NBD exports as targets (nbd-cbw's socket under any export
+//   name, a symlink, a relative path; an NBD source's export) are refused,
+//   no job started, the disk untouched;
+// - relative target and spill paths given to the CLI are the caller's (the
+//   backup lands in the caller's directory, exact); the API refuses them;
 // - the disk itself as a file: target (its path, a symlink, a hard link; a
 //   served loop device under its own node or another) is refused;
 // - a loop device as a file: target (an LV or a disk in real use): one
@@ -43,7 +48,21 @@
 import t, { type Test } from 'tap';
 import * as fs from 'node:fs';
 import { execFileSync } from 'node:child_process';
-import { MiB, NBD_CBW_BIN, canUseLoopDevices, makeImage, readAt, run, sleep, startNbdCbw, startNbdkit, startQemuNbd, tmpPath, type Peer } from './helpers/peers';
+import {
+  MiB,
+  NBD_CBW_BIN,
+  canUseLoopDevices,
+  makeImage,
+  nbdUnixUri,
+  readAt,
+  run,
+  sleep,
+  startNbdCbw,
+  startNbdkit,
+  startQemuNbd,
+  tmpPath,
+  type Peer,
+} from './helpers/peers';
 import {
   backupAction,
   backupStart,
@@ -641,6 +660,72 @@ t.test('the disk itself as a file: target is refused, whatever path names it', a
   }
   t.same((await controlHttp(r.control, 'GET', '/v1/jobs')).body, [], 'no job was started');
   t.equal(compareImages(r.snapshot, r.image), null, 'the disk is untouched');
+});
+
+t.test("the disk's own NBD exports are refused as targets: nbd-cbw's, under any spelling, and an NBD source's", async (t) => {
+  // Written there, a backup would put the disk's old data over the guest's
+  // acknowledged writes and still report completed: before this check it did.
+  const r = await serve(t, 912);
+  const link = tmpPath(t, 'cbw-link', '.sock');
+  fs.symlinkSync(r.cbw.socket, link);
+  const own = [
+    ['its socket', nbdUnixUri(r.cbw.socket, 'disk')],
+    ['another export name', nbdUnixUri(r.cbw.socket, 'other')],
+    ['a symlink to its socket', nbdUnixUri(link)],
+  ] as const;
+  for (const [what, uri] of own) {
+    const res = await cli(['backup', 'start', '--control', r.control, '--target', uri]);
+    t.not(res.code, 0, `${what}: non-zero exit`);
+    oneLine(t, res.stderr, /^nbd-cbw: error: target \S+ is nbd-cbw's own export of the disk being backed up: the backup would overwrite the guest's writes with old data$/, what);
+  }
+  // A relative socket path, from where the caller runs the CLI.
+  const rel = await run(process.execPath, [NBD_CBW_BIN, 'backup', 'start', '--control', r.control, '--target', `nbd+unix:///?socket=${link.split('/').pop()}`], {
+    cwd: link.slice(0, link.lastIndexOf('/')),
+    timeoutMs: 30_000,
+  });
+  t.not(rel.code, 0, 'a relative path to the symlink: non-zero exit');
+  oneLine(t, rel.stderr, /is nbd-cbw's own export of the disk being backed up/, 'a relative path to the symlink');
+  t.same((await controlHttp(r.control, 'GET', '/v1/jobs')).body, [], 'no job was started');
+  t.equal(compareImages(r.snapshot, r.image), null, 'the disk is untouched');
+
+  // nbd-cbw in front of qemu-nbd: the same export of qemu-nbd is the disk too.
+  const image = tmpPath(t, 'qdisk', '.raw');
+  makeMixedImage(image, SIZE, 913);
+  const before = tmpPath(t, 'qsnap', '.raw');
+  fs.copyFileSync(image, before);
+  const q = await startQemuNbd(t, image);
+  const cbw = await startNbdCbw(t, ['--source', nbdUnixUri(q.socket, 'disk')]);
+  const res = await cli(['backup', 'start', '--control', controlOf(cbw), '--target', nbdUnixUri(q.socket, 'disk')]);
+  t.not(res.code, 0, 'the source export: non-zero exit');
+  oneLine(t, res.stderr, /^nbd-cbw: error: target \S+ is the disk being backed up \(the source export\): the backup would overwrite/, 'the source export');
+  t.same((await controlHttp(controlOf(cbw), 'GET', '/v1/jobs')).body, [], 'no job was started on the NBD source either');
+  t.equal(compareImages(before, image), null, 'the NBD source is untouched');
+});
+
+t.test('target and spill paths are the caller\'s: the CLI resolves them; the API refuses relative ones', async (t) => {
+  const r = await serve(t, 914);
+  const dir = tmpPath(t, 'callers-dir');
+  fs.mkdirSync(dir);
+  fs.mkdirSync(`${dir}/spill`);
+  const res = await run(
+    process.execPath,
+    [NBD_CBW_BIN, 'backup', 'start', '--control', r.control, '--target', 'file:backup.raw', '--spill-dir', 'spill', '--wait', '--json'],
+    { cwd: dir, timeoutMs: 60_000 },
+  );
+  t.equal(res.code, 0, `relative target and spill dir: completed (${res.stderr.trim()})`);
+  const first = JSON.parse(res.stdout.trim().split('\n')[0]) as JobJson;
+  t.equal(first.target, `file:${dir}/backup.raw`, 'the job was given the absolute path');
+  t.equal(compareImages(r.snapshot, `${dir}/backup.raw`), null, 'the backup is in the caller\'s directory, exact');
+  for (const [what, body, re] of [
+    ['file: target', { target: 'file:backup2.raw' }, /"target" must be absolute, not "backup2.raw"/],
+    ['nbd+unix socket', { target: 'nbd+unix:///?socket=t.sock' }, /"target" must be absolute, not "t.sock"/],
+    ['spill dir', { target: `file:${dir}/backup3.raw`, spillDir: 'spill' }, /"spillDir" must be an absolute path/],
+  ] as const) {
+    const api = await controlHttp(r.control, 'POST', '/v1/jobs', body);
+    t.equal(api.status, 400, `API, relative ${what}: 400`);
+    t.match((api.body as { error?: string }).error, re, `API, relative ${what}: says why`);
+  }
+  t.notOk(fs.existsSync(`${dir}/backup3.raw`), 'a refused request made no target file');
 });
 
 t.test('a block device served as the disk is refused as its own target, under another device node too', { skip: !loopOk && 'needs root and losetup' }, async (t) => {

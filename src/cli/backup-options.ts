@@ -1,8 +1,10 @@
 // Backup options shared by `backup start` and `serve --backup-to`.
 
+import path from 'node:path';
 import { Option, type Command } from 'commander';
 import type { BackupRequest } from '../jobs/job';
 import { parseSize } from './sizes';
+import { mapTargetPaths, validateTargetSpec } from '../targets/spec';
 
 export interface BackupCliOptions {
   buffer?: string;
@@ -72,11 +74,15 @@ function parseCbwTimeout(text: string): number {
   return ms;
 }
 
+/**
+ * Paths are resolved here, against the caller's working directory: the job
+ * runs in the server, which would read them against its own.
+ */
 export function toBackupRequest(target: string, o: BackupCliOptions): BackupRequest {
   return {
-    target,
+    target: validateTargetSpec(target) === null ? mapTargetPaths(target, (p) => path.resolve(p)) : target,
     bufferBytes: parseSize(o.buffer ?? '256M', '--buffer'),
-    spillDir: o.spillDir,
+    spillDir: o.spillDir === undefined ? undefined : path.resolve(o.spillDir),
     workers: parseCount(o.workers ?? '16', '--workers', 256),
     clusterSize: parseSize(o.clusterSize ?? '64K', '--cluster-size'),
     maxChunk: parseSize(o.maxChunk ?? '4M', '--max-chunk'),

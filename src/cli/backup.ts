@@ -85,7 +85,8 @@ export function registerBackup(program: Command): void {
     .requiredOption(
       '-t, --target <TARGET>',
       'file:PATH (a file, created sparse if new, or a block device), nbd[s]://HOST[:PORT]/EXPORT, ' +
-        'nbd[s]+unix:///EXPORT?socket=PATH, or a chunk store: dir:PATH or s3://BUCKET/PREFIX',
+        'nbd[s]+unix:///EXPORT?socket=PATH, or a chunk store: dir:PATH or s3://BUCKET/PREFIX; ' +
+        'relative paths are resolved here; the disk itself (its file, nbd-cbw\'s export, an NBD source\'s) is refused',
     )
     .option('--json', 'print the job as JSON (with --wait: a JSON line per update, as `backup wait --json`)')
     .option('-w, --wait', 'then wait for the job to end, as `backup wait` does: progress, exit status 0 only if it completed')

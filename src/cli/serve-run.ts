@@ -19,7 +19,7 @@ import { CbwFilter } from '../cbw/filter';
 import { JobManager, validateRequest, type BackupJob, type BackupRequest } from '../jobs/job';
 import { ControlServer } from '../control/server';
 import { formatControlAddress, parseControlAddress, type ControlAddress } from '../control/client';
-import { validateTargetSpec } from '../targets/open';
+import { validateTargetSpec } from '../targets/spec';
 import { parseDuration, toBackupRequest } from './backup-options';
 import type { ListenOptions, ServeOptions } from './serve';
 
@@ -223,6 +223,7 @@ export async function serve(opts: ServeOptions): Promise<void> {
     observer: metrics?.connectionObserver(),
     onServer: (server) => metrics?.watchConnections(server),
     onStarted: async ({ address }) => {
+      jobs.servedAt({ ...address, exportName: exportSpec.name });
       const addr = controlAddr ?? { socketPath: defaultControlPath(address) };
       if (metrics && metricsAddr) metricsServer = await serveMetrics(metrics, metricsAddr);
       control = new ControlServer({

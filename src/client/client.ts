@@ -119,11 +119,12 @@ export class NbdClient extends EventEmitter {
   private handshakeWaiter: HandshakeWaiter | null = null;
 
   private constructor(
-    private readonly addr: NbdAddress,
+    /** Where this connects (as given: paths and names are not resolved). */
+    readonly address: NbdAddress,
     private readonly opts: NbdClientOptions,
   ) {
     super();
-    this.uri = formatNbdUri(addr);
+    this.uri = formatNbdUri(address);
     this.maxInFlight = opts.maxInFlight ?? 64;
     if (!(this.maxInFlight >= 1 && this.maxInFlight <= COOKIE_SLOTS)) {
       throw new RangeError(`maxInFlight must be 1..${COOKIE_SLOTS}, not ${this.maxInFlight}`);
@@ -145,9 +146,9 @@ export class NbdClient extends EventEmitter {
     // view into the reused buffer past the callback (see onMessage). TLS
     // needs ordinary reads.
     const onread = opts.tls ? undefined : parserReadHooks(this.parser, this.onMessage, this.headerReadLimit);
-    this.socket = addr.socketPath
-      ? net.createConnection({ path: addr.socketPath, onread })
-      : net.createConnection({ host: addr.host, port: addr.port ?? 10809, onread });
+    this.socket = address.socketPath
+      ? net.createConnection({ path: address.socketPath, onread })
+      : net.createConnection({ host: address.host, port: address.port ?? 10809, onread });
     this.socket.setNoDelay?.(true);
     this.bind(this.socket);
   }
@@ -300,7 +301,7 @@ export class NbdClient extends EventEmitter {
       build.clientFlags((fixed ? ClientFlag.FixedNewstyle : 0) | (noZeroes ? ClientFlag.NoZeroes : 0)),
     );
     this.parser.noZeroes = noZeroes;
-    const name = this.addr.exportName;
+    const name = this.address.exportName;
 
     if (this.opts.tls) {
       if (!fixed) throw new Error('server cannot do TLS (no fixed newstyle)');

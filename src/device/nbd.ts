@@ -89,6 +89,10 @@ export class NbdDevice implements BlockDevice {
     return new NbdDevice(await NbdClient.connect(addr, opts), addr, opts);
   }
 
+  nbdAddress(): NbdAddress {
+    return this.client.address;
+  }
+
   /**
    * Run `op` on a live connection, reconnecting within the window if it
    * drops. The common case (connected) adds no async frame of its own: this

@@ -3,6 +3,8 @@
 // NBD backup targets. Offsets and lengths are bytes; callers have already
 // checked ranges against `size`.
 
+import type { NbdAddress } from '../client/uri';
+
 export interface DeviceCapabilities {
   readOnly: boolean;
   flush: boolean;
@@ -95,4 +97,6 @@ export interface BlockDevice {
   reopen?(timeoutMs?: number): Promise<BlockDevice>;
   /** The local file or block device served, if that is what this is. */
   fileIdentity?(): FileIdentity;
+  /** The NBD export served, if that is what this is. */
+  nbdAddress?(): NbdAddress;
 }

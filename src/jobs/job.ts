@@ -4,11 +4,15 @@
 
 import { EventEmitter } from 'node:events';
 import fs from 'node:fs';
+import path from 'node:path';
 import { CbwFilter, type CbwErrorPolicy } from '../cbw/filter';
 import { makeSpillFile } from '../copy/cow-buffer';
 import { CopyEngine, DEFAULT_ENGINE_OPTIONS, type CopyEngineOptions, type EngineProgress, type EngineState } from '../copy/engine';
 import { openTarget } from '../targets/open';
+import { mapTargetPaths, validateTargetSpec } from '../targets/spec';
 import type { BackupTarget } from '../targets/types';
+import type { ForbiddenExport } from '../targets/nbd-endpoint';
+import type { NbdAddress } from '../client/uri';
 import { VERSION } from '../version';
 
 export interface BackupRequest {
@@ -82,6 +86,15 @@ export function validateRequest(req: BackupRequest): void {
     bad('"onCbwError" must be break-snapshot or break-guest-write');
   }
   if (req.spillDir !== undefined && typeof req.spillDir !== 'string') bad('"spillDir" must be a path');
+  // The server's working directory is not the caller's: a relative path
+  // would silently name another place (the CLI resolves them first).
+  if (req.spillDir !== undefined && !path.isAbsolute(req.spillDir)) bad(`"spillDir" must be an absolute path, not "${req.spillDir}"`);
+  const badTarget = validateTargetSpec(req.target);
+  if (badTarget !== null) bad(badTarget);
+  mapTargetPaths(req.target, (p) => {
+    if (!path.isAbsolute(p)) bad(`paths in "target" must be absolute, not "${p}"`);
+    return p;
+  });
   if (req.chunkSize !== undefined) {
     const c = req.chunkSize;
     if (!Number.isInteger(c) || c < 64 * 1024 || c > 64 * 1024 * 1024 || (c & (c - 1)) !== 0) {
@@ -159,6 +172,8 @@ export class BackupJob extends EventEmitter {
 export class JobManager extends EventEmitter {
   private readonly jobs: BackupJob[] = [];
   private starting = false;
+  /** Where the export is served (servedAt): a target there is the disk itself. */
+  private readonly servedAddresses: NbdAddress[] = [];
 
   constructor(
     readonly filter: CbwFilter,
@@ -180,6 +195,22 @@ export class JobManager extends EventEmitter {
 
   list(): BackupJob[] {
     return [...this.jobs];
+  }
+
+  /** The export is served at `address` (any export name there is this disk). */
+  servedAt(address: NbdAddress): void {
+    this.servedAddresses.push(address);
+  }
+
+  /** NBD exports that are this disk: where it is served, and an NBD source. */
+  private exportsOfTheDisk(): ForbiddenExport[] {
+    const own = this.servedAddresses.map((address) => ({
+      address,
+      anyExportName: true,
+      what: "nbd-cbw's own export of the disk being backed up",
+    }));
+    const source = this.filter.next.nbdAddress?.();
+    return source ? [...own, { address: source, anyExportName: false, what: 'the disk being backed up (the source export)' }] : own;
   }
 
   find(id: string): BackupJob | undefined {
@@ -206,6 +237,7 @@ export class JobManager extends EventEmitter {
         target = await openTarget(req.target, {
           size,
           notSameFileAs: this.filter.next.fileIdentity?.(),
+          notNbdExports: this.exportsOfTheDisk(),
           targetIsZero: req.targetIsZero,
           chunkSize: req.chunkSize,
           source: this.sourceName,

@@ -3,6 +3,7 @@
 import { NbdClient } from '../client/client';
 import { parseNbdUri } from '../client/uri';
 import { settleAll } from '../util/settle';
+import { forbiddenExportOf } from './nbd-endpoint';
 import type { BackupTarget, TargetOpenOptions } from './types';
 
 /** Block-status requests spent on asking whether a target reads as zeros. */
@@ -203,7 +204,12 @@ export class NbdTarget implements BackupTarget {
    * need not wait for it; only the decision on zero ranges does.
    */
   static async open(uri: string, opts: TargetOpenOptions): Promise<NbdTarget> {
-    const client = await NbdClient.connect(parseNbdUri(uri), { maxInFlight: opts.maxInFlight ?? 16 });
+    const address = parseNbdUri(uri);
+    const forbidden = await forbiddenExportOf(address, opts.notNbdExports ?? []);
+    if (forbidden) {
+      throw new Error(`target ${uri} is ${forbidden.what}: the backup would overwrite the guest's writes with old data`);
+    }
+    const client = await NbdClient.connect(address, { maxInFlight: opts.maxInFlight ?? 16 });
     if (client.transmissionFlags & 2) {
       await client.close();
       throw new Error(`target ${uri} is read-only`);

@@ -3,17 +3,10 @@
 import { FileTarget } from './file';
 import { NbdTarget } from './nbd';
 import type { BackupTarget, TargetOpenOptions } from './types';
+import { validateTargetSpec } from './spec';
 import { ChunkedTarget } from './chunked';
 import { isStoreSpec, openStore } from '../store/object-store';
 import { DEFAULT_CHUNK_SIZE } from '../store/layout';
-
-export function validateTargetSpec(spec: string): string | null {
-  if (spec.startsWith('file:') && spec.length > 5) return null;
-  if (spec.startsWith('dir:') && spec.length > 4) return null;
-  if (/^s3:\/\/[^/]+/.test(spec)) return null;
-  if (/^nbds?(\+unix)?:\/\//.test(spec)) return null;
-  return `unrecognised target "${spec}": use file:PATH, dir:PATH, s3://BUCKET/PREFIX, nbd[s]://HOST[:PORT]/EXPORT or nbd[s]+unix:///EXPORT?socket=PATH`;
-}
 
 export async function openTarget(spec: string, opts: TargetOpenOptions): Promise<BackupTarget> {
   const bad = validateTargetSpec(spec);

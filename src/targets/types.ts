@@ -1,5 +1,6 @@
 import type { FileIdentity } from '../device/types';
 import type { S3Settings } from '../store/object-store';
+import type { ForbiddenExport } from './nbd-endpoint';
 
 // Backup targets behind one small interface. The copy engine writes each
 // cluster's point-in-time content exactly once, in any order, and flushes
@@ -51,6 +52,11 @@ export interface TargetOpenOptions {
    * the guest's new writes.
    */
   notSameFileAs?: FileIdentity;
+  /**
+   * NBD exports an nbd:// target must not be (nbd-cbw's own, the NBD
+   * source's), for the same reason.
+   */
+  notNbdExports?: readonly ForbiddenExport[];
   /** Chunked targets: chunk size (default 4 MiB). */
   chunkSize?: number;
   /** Chunked targets: recorded in the manifest. */
