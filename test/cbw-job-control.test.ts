@@ -146,6 +146,8 @@ t.test('cancel mid-way', async (t) => {
   const later = await backupStatus(r.control, job.id);
   t.equal(later.state, 'cancelled', 'a second later: still cancelled, never completed');
   t.equal(later.bytesDone, s.bytesDone, 'and no further progress');
+  const human = await cli(['backup', 'status', '--control', r.control]);
+  t.equal(human.stdout.split('\n')[0], `job ${job.id}: cancelled`, 'status says cancelled once, with no reason that repeats it');
 
   // The guest writes freely; pause/resume/cancel of an ended job are refused.
   const g = await qemuIo(r.cbw.uri, ['write -P 0x66 60M 1M', 'read -P 0x66 60M 1M']);

@@ -7,7 +7,8 @@
 //   every route, the right one 200;
 // - bad requests get a clear 4xx with a JSON {"error": ...}: bad sizes,
 //   unknown job, bad target URI, non-JSON body, oversized body, unknown
-//   route, wrong method; a second job while one runs gets 409.
+//   route, wrong method; a second job while one runs gets
+//   409, and so do pause, cancel and a speed limit on an ended job.
 // - GET /v1/jobs/:id?wait=MS: on a paused job it answers after MS with the
 //   job still paused; held while the job runs, it answers as soon as the job
 //   is cancelled (well before its 20 s wait); bad values get 400; `backup
@@ -197,6 +198,7 @@ t.test('bad requests get clear 4xx errors', async (t) => {
   t.equal(end.state, 'cancelled', 'the job is cancelled');
   clientError(t, await httpRequest(ctl, 'POST', `/v1/jobs/${id}/pause`), 409, /cancelled/, 'pausing a cancelled job');
   clientError(t, await httpRequest(ctl, 'POST', `/v1/jobs/${id}/cancel`), 409, /cancelled/, 'cancelling it again');
+  clientError(t, await httpRequest(ctl, 'POST', `/v1/jobs/${id}/speed`, { body: { bytesPerSecond: 1 << 20 } }), 409, /cancelled/, 'a speed limit on a cancelled job');
   const again = await post({ target: `file:${tmpPath(t, 'third', '.raw')}` });
   t.equal(again.status, 201, 'once it ended, a new job can start', { body: again.text });
   const done = await waitJobEnd(ctl, again.json.id as string, 30_000);

@@ -55,7 +55,7 @@ function jobPath(job: string | undefined, action = ''): string {
 export function describeStatus(s: JobStatus): string {
   const pct = s.bytesTotal > 0 ? ((100 * s.bytesDone) / s.bytesTotal).toFixed(1) : '100.0';
   const lines = [
-    `job ${s.id}: ${s.state}${s.error ? ` (${s.error})` : ''}`,
+    `job ${s.id}: ${s.state}${s.error && s.error !== s.state ? ` (${s.error})` : ''}`,
     `  target:   ${s.target}`,
     `  progress: ${formatSize(s.bytesDone)} of ${formatSize(s.bytesTotal)} (${pct}%), ` +
       `${formatSize(s.bytesCopied)} copied, ${formatSize(s.bytesSkipped)} skipped as zero`,

@@ -165,6 +165,8 @@ export class ControlServer {
           if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) {
             return sendJson(res, 400, { error: '"bytesPerSecond" must be a non-negative integer' });
           }
+          // A limit set on an ended job would only show in its status as if it applied.
+          if (!active) return sendJson(res, 409, { error: `job is ${job.status().state}` });
           job.engine.setSpeed(v);
           return sendJson(res, 200, job.status());
         }
