@@ -34,6 +34,9 @@
 //   no job started, the disk untouched;
 // - relative target and spill paths given to the CLI are the caller's (the
 //   backup lands in the caller's directory, exact); the API refuses them;
+// - a file: target that qemu-nbd serves read-write (QEMU's "write" lock
+//   held) is refused, untouched; one it serves read-only is written, and
+//   qemu-io cannot open it for writing until the job has completed;
 // - the disk itself as a file: target (its path, a symlink, a hard link; a
 //   served loop device under its own node or another) is refused;
 // - a loop device as a file: target (an LV or a disk in real use): one
@@ -728,6 +731,37 @@ t.test('target and spill paths are the caller\'s: the CLI resolves them; the API
     t.match((api.body as { error?: string }).error, re, `API, relative ${what}: says why`);
   }
   t.notOk(fs.existsSync(`${dir}/backup3.raw`), 'a refused request made no target file');
+});
+
+t.test("a file: target another process writes is refused; the job holds QEMU's lock bytes until it ends", async (t) => {
+  const r = await serve(t, 915);
+  // qemu-nbd serving an image read-write holds QEMU's "write" lock byte.
+  const busy = tmpPath(t, 'busy', '.raw');
+  makeImage(busy, SIZE, 'random', 915);
+  const busyBefore = fs.readFileSync(busy);
+  await startQemuNbd(t, busy);
+  const res = await cli(['backup', 'start', '--control', r.control, '--target', `file:${busy}`]);
+  t.not(res.code, 0, 'an image qemu-nbd serves read-write: non-zero exit');
+  oneLine(t, res.stderr, /^nbd-cbw: error: target \S+ is in use: another process writes to it \(it holds QEMU's "write" lock\)/, 'an image qemu-nbd writes');
+  t.ok(fs.readFileSync(busy).equals(busyBefore), 'that image is untouched');
+  t.same((await controlHttp(r.control, 'GET', '/v1/jobs')).body, [], 'no job was started');
+
+  // Served read-only, it may be written; while the job runs, QEMU cannot open it for writing.
+  const shared = tmpPath(t, 'read-only-served', '.raw');
+  makeImage(shared, SIZE, 'random', 916);
+  await startQemuNbd(t, shared, { readOnly: true });
+  const job = await backupStart(r.control, `file:${shared}`, ['--speed', '8M']);
+  t.match(job.state, /^(running|starting)$/, 'an image qemu-nbd serves read-only: the job starts');
+  const during = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 1 0 4k', shared], { timeoutMs: 30_000 });
+  t.not(during.code, 0, 'qemu-io cannot write it while the job runs');
+  t.match(during.stderr + during.stdout, /Failed to get "write" lock/, 'QEMU says the write lock is taken');
+  const unlimited = await cli(['backup', 'set-speed', '0', '--control', r.control]);
+  t.equal(unlimited.code, 0, 'set-speed 0');
+  const w = await backupWait(r.control, job.id, 60_000);
+  t.equal(w.last?.state, 'completed', 'the job completes');
+  t.equal(compareImages(r.snapshot, shared), null, 'the target holds the point-in-time image');
+  const after = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 1 0 4k', shared], { timeoutMs: 30_000 });
+  t.equal(after.code, 0, `after the job, QEMU may write it again (${after.stderr.trim()})`);
 });
 
 t.test('a block device served as the disk is refused as its own target, under another device node too', { skip: !loopOk && 'needs root and losetup' }, async (t) => {

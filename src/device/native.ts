@@ -1,6 +1,6 @@
 // Typed loader for the native fileops addon (native/fileops.c): lseek
-// SEEK_DATA/SEEK_HOLE and fallocate PUNCH_HOLE/ZERO_RANGE, which Node's fs
-// module lacks. Each call runs on libuv's thread pool and returns a promise.
+// SEEK_DATA/SEEK_HOLE, fallocate PUNCH_HOLE/ZERO_RANGE and open file
+// description locks, which Node's fs module lacks. Each call runs on libuv's thread pool and returns a promise.
 
 import * as path from 'node:path';
 
@@ -13,6 +13,10 @@ export interface FileOps {
   punchHole(fd: number, offset: number, length: number): Promise<number>;
   /** fallocate(FALLOC_FL_ZERO_RANGE). */
   zeroRange(fd: number, offset: number, length: number): Promise<number>;
+  /** 1 if another open file description holds a lock on any byte of the range (F_OFD_GETLK), else 0. */
+  lockHeld(fd: number, offset: number, length: number): Promise<number>;
+  /** Take a shared lock on the range without waiting (F_OFD_SETLK, F_RDLCK); rejects EAGAIN on a conflict. */
+  lockShared(fd: number, offset: number, length: number): Promise<number>;
 }
 
 /** What the addon rejects with: `code` is the errno name ('EUNKNOWN' for names it does not know). */
@@ -45,7 +49,7 @@ export function loadFileOps(): FileOps {
     );
   }
   const ops = mod as Partial<FileOps> | null;
-  for (const name of ['seekData', 'seekHole', 'punchHole', 'zeroRange'] as const) {
+  for (const name of ['seekData', 'seekHole', 'punchHole', 'zeroRange', 'lockHeld', 'lockShared'] as const) {
     if (!ops || typeof ops[name] !== 'function') {
       throw new Error(
         `native fileops addon (${ADDON_PATH}) does not export ${name}(); ` +
