@@ -22,6 +22,7 @@ import { NbdClient } from '../src/client/client';
 import { DeviceError, type BlockDevice, type DeviceCapabilities, type Extent } from '../src/device/types';
 import type { BackupTarget } from '../src/targets/types';
 import type { BackupJob, BackupRequest, JobManager as JobManagerType } from '../src/jobs/job';
+import * as targetSpec from '../src/targets/spec';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -155,8 +156,9 @@ interface Rig {
 async function rig(t: Test, size: number): Promise<Rig> {
   const targets = new Map<string, MemoryTarget>();
   const { JobManager } = t.mockRequire('../src/jobs/job', {
+    // Test targets are named "mem:N", which no real spec is.
+    '../src/targets/spec': { ...targetSpec, validateTargetSpec: () => null },
     '../src/targets/open': {
-      validateTargetSpec: () => null,
       openTarget: async (spec: string) => {
         const target = targets.get(spec);
         if (!target) throw new Error(`no test target "${spec}"`);
