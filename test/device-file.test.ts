@@ -6,7 +6,7 @@ import { execFileSync } from 'node:child_process';
 import { FileDevice, MAX_EXTENTS, MAX_EXTENT_LENGTH, nbdErrorFor } from '../src/device/file';
 import { ADDON_PATH, loadFileOps } from '../src/device/native';
 import { DeviceError, type Extent } from '../src/device/types';
-import { canUseLoopDevices } from './helpers/peers';
+import { NBD_CBW_BIN, canUseLoopDevices, makeImage, run, startQemuNbd } from './helpers/peers';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -71,10 +71,10 @@ async function expectRejectCode(t: tap.Test, p: Promise<unknown>, nbdError: numb
   }
 }
 
-t.test('native addon loads with all four operations', async (t) => {
+t.test('native addon loads with all its operations', async (t) => {
   t.ok(fs.existsSync(ADDON_PATH), `addon exists at ${ADDON_PATH}`);
   const ops = loadFileOps();
-  for (const name of ['seekData', 'seekHole', 'punchHole', 'zeroRange'] as const) {
+  for (const name of ['seekData', 'seekHole', 'punchHole', 'zeroRange', 'lockHeld', 'lockShared'] as const) {
     t.type(ops[name], 'function', name);
   }
   t.equal(loadFileOps(), ops, 'cached');
@@ -458,6 +458,36 @@ t.test('fs error codes map onto NBD errors', async (t) => {
 
 // Block devices need root and a loop device; skipped elsewhere.
 const loopOk = canUseLoopDevices();
+
+t.test("QEMU's image locks: an image qemu-nbd writes is not served; a served one is locked against QEMU's writers until closed", async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-cbw-locks-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const busy = path.join(dir, 'busy.img');
+  makeImage(busy, 8 * MiB, 'random', 31);
+  await startQemuNbd(t, busy);
+  const inUse = /^file source \S+busy\.img is in use: another process writes to it \(it holds QEMU's "write" lock\); nbd-cbw must see every write/;
+  await t.rejects(FileDevice.open(busy), inUse, 'read-write: refused');
+  await t.rejects(FileDevice.open(busy, { readOnly: true }), inUse, 'read-only too: a backup of it would miss those writes');
+  const serve = await run(process.execPath, [NBD_CBW_BIN, 'serve', '--source', `file:${busy}`, '-U', path.join(dir, 's.sock'), '-f'], { timeoutMs: 30_000 });
+  t.not(serve.code, 0, 'nbd-cbw serve exits non-zero');
+  t.match(serve.stderr.trim(), new RegExp(`^nbd-cbw: error: ${inUse.source.slice(1)}`), 'and says why in one line');
+  t.equal(serve.stderr.trim().split('\n').length, 1, 'one line');
+
+  const mine = path.join(dir, 'mine.img');
+  makeImage(mine, 8 * MiB, 'random', 32);
+  const dev = await FileDevice.open(mine);
+  const qemuWrite = () => run('qemu-io', ['-f', 'raw', '-c', 'write -P 7 0 4k', mine], { timeoutMs: 30_000 });
+  const during = await qemuWrite();
+  t.not(during.code, 0, 'qemu-io cannot open the served image for writing');
+  t.match(during.stderr + during.stdout, /Failed to get "write" lock/, 'QEMU says why');
+  const info = await run('qemu-img', ['info', mine], { timeoutMs: 30_000 });
+  t.equal(info.code, 0, 'qemu-img info still reads it', { output: info.code ? info.describe() : undefined });
+  const ro = await FileDevice.open(mine, { readOnly: true }).catch((e: Error) => e);
+  t.type(ro, Error, 'a second nbd-cbw cannot serve it either');
+  await dev.close();
+  const after = await qemuWrite();
+  t.equal(after.code, 0, 'once closed, QEMU may write it', { output: after.code ? after.describe() : undefined });
+});
 
 t.test('block device (loop)', { skip: !loopOk && 'needs root and losetup' }, async (t) => {
   const backing = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-cbw-loop-')), 'backing.img');

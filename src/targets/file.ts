@@ -11,48 +11,8 @@
 import fs from 'node:fs';
 import { blockDeviceSize } from '../device/file';
 import { loadFileOps } from '../device/native';
+import { claimImageLocks } from '../device/image-locks';
 import type { BackupTarget, TargetOpenOptions } from './types';
-
-/**
- * QEMU's lock bytes on the images it opens (block/file-posix.c): a shared
- * lock on byte 100+n for each permission n held, and on 200+n for each one
- * not shared with others; n = 1 is WRITE. qemu-nbd serving an image
- * read-write holds 101; a VM's disk (share-rw=off) holds 201 as well.
- */
-const QEMU_LOCK_WRITE = 101;
-const QEMU_LOCK_WRITE_NOT_SHARED = 201;
-
-/**
- * Refuse a target some other process writes, or keeps others from writing,
- * by QEMU's lock bytes; then hold them as a writer that shares no writes
- * does, so qemu-img, qemu-nbd or a VM cannot open it for writing until the
- * job lets the file go. Where the file system has no OFD locks (some
- * network file systems), nothing is checked, as QEMU then does not lock
- * either.
- */
-async function claimLikeQemu(fd: number, path: string): Promise<void> {
-  const ops = loadFileOps();
-  let writer: number;
-  let noWritersAllowed: number;
-  try {
-    writer = await ops.lockHeld(fd, QEMU_LOCK_WRITE, 1);
-    noWritersAllowed = await ops.lockHeld(fd, QEMU_LOCK_WRITE_NOT_SHARED, 1);
-  } catch {
-    return;
-  }
-  const inUse = (how: string) =>
-    new Error(`target ${path} is in use: another process ${how}; writing the backup there would corrupt it`);
-  if (writer) throw inUse(`writes to it (it holds QEMU's "write" lock)`);
-  if (noWritersAllowed) throw inUse('has it open and lets nobody else write to it (QEMU\'s lock)');
-  try {
-    await ops.lockShared(fd, QEMU_LOCK_WRITE, 1);
-    await ops.lockShared(fd, QEMU_LOCK_WRITE_NOT_SHARED, 1);
-  } catch (e) {
-    // Taken by someone else since the check above.
-    const code = (e as { code?: string }).code;
-    if (code === 'EAGAIN' || code === 'EACCES') throw inUse('just locked it (QEMU\'s lock bytes)');
-  }
-}
 
 export class FileTarget implements BackupTarget {
   readonly maxWrite = 32 * 1024 * 1024;
@@ -108,7 +68,8 @@ export class FileTarget implements BackupTarget {
       ) {
         throw new Error(`target ${path} is the disk being backed up: the backup would overwrite the guest's writes with old data`);
       }
-      await claimLikeQemu(fd, path);
+      const inUse = await claimImageLocks(loadFileOps(), fd, true);
+      if (inUse) throw new Error(`target ${path} is in use: ${inUse}; writing the backup there would corrupt it`);
       if (created) {
         sizeTo(opts.size);
       } else if (st.isBlockDevice()) {
