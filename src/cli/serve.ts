@@ -63,7 +63,7 @@ export function registerServe(program: Command): void {
         'acknowledged only after the source acknowledged it. Only what the source can\n' +
         'do is advertised (trim, zero, fua, flush, cache, block status).',
     )
-    .option('-s, --source <SOURCE>', 'the disk: file:PATH, nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH; a file another process writes (QEMU\'s image lock) is refused, and a served one is locked against QEMU\'s writers')
+    .option('-s, --source <SOURCE>', 'the disk: file:PATH, nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH; served read-write, a file another process writes (QEMU\'s image lock) is refused, and a served one is locked against QEMU\'s writers')
     .option('-r, --readonly', 'export read-only')
     .option('--reconnect-window <DURATION>', 'NBD sources: if the connection drops, requests wait while nbd-cbw reconnects for this long, then fail with EIO (0 = fail at once)', '10s')
     .option('--control <ADDR>', 'control API address: a unix socket path, or HOST:PORT (needs --control-token-file); default: SOCKET.ctl next to -U SOCKET, else a socket in the temp dir')

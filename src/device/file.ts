@@ -4,10 +4,10 @@
 // fs.read/fs.write callbacks wrapped in promises (measurably faster than
 // FileHandle, especially with many requests in flight) and reads straight into
 // the caller's buffer. The native addon supplies SEEK_DATA/SEEK_HOLE for block
-// status and fallocate for TRIM and WRITE_ZEROES. A file another process
-// writes is refused, and an open one holds QEMU's image lock bytes as a
-// writer that shares no writes (image-locks.ts): a write nbd-cbw does not see
-// would break its backups' point in time.
+// status and fallocate for TRIM and WRITE_ZEROES. Opened read-write, a file
+// another process writes is refused, and an open one holds QEMU's image lock
+// bytes as a writer that shares no writes (image-locks.ts): a write nbd-cbw
+// does not see would break its backups' point in time.
 
 import * as fs from 'node:fs';
 import { AllocationFlag, NbdError } from '../nbd-protocol/constants';
@@ -250,7 +250,9 @@ export class FileDevice implements BlockDevice {
         throw new Error(`file source ${path}: not a regular file or block device`);
       }
       if (!Number.isSafeInteger(size)) throw new Error(`file source ${path}: size ${st.size} is too large`);
-      const inUse = await claimImageLocks(ops, fd, !readOnly);
+      // Read-only, it shares writes as `qemu-nbd -r` does: a second,
+      // read-only export of a served image is a reader like any other.
+      const inUse = readOnly ? null : await claimImageLocks(ops, fd);
       if (inUse) {
         throw new Error(`file source ${path} is in use: ${inUse}; nbd-cbw must see every write to the disk it serves, or its backups would miss them`);
       }

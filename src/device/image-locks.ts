@@ -15,26 +15,26 @@ export const QEMU_LOCK_WRITE = 101;
 export const QEMU_LOCK_WRITE_NOT_SHARED = 201;
 
 /**
- * Check and take QEMU's lock bytes on `fd`: 201 always (nobody else may
- * write), 101 too when `write` (this process writes). Returns why the image
- * cannot be taken, or null once the locks are held. Where the file system
- * has no OFD locks (some network file systems), nothing is checked or taken,
- * as QEMU then does not lock either. The locks go with the file description.
+ * Check and take QEMU's lock bytes on `fd` as a writer that shares no
+ * writes: refused if another process writes (101) or lets nobody else
+ * write (201); then 101 and 201 are held. Returns why the image cannot be
+ * taken, or null once the locks are held. Where the file system has no OFD
+ * locks (some network file systems), nothing is checked or taken, as QEMU
+ * then does not lock either. The locks go with the file description.
  */
-export async function claimImageLocks(ops: FileOps, fd: number, write: boolean): Promise<string | null> {
+export async function claimImageLocks(ops: FileOps, fd: number): Promise<string | null> {
   let writer: number;
-  let noWritersAllowed = 0;
+  let noWritersAllowed: number;
   try {
     writer = await ops.lockHeld(fd, QEMU_LOCK_WRITE, 1);
-    // A reader may share the image with one who lets nobody else write.
-    if (write) noWritersAllowed = await ops.lockHeld(fd, QEMU_LOCK_WRITE_NOT_SHARED, 1);
+    noWritersAllowed = await ops.lockHeld(fd, QEMU_LOCK_WRITE_NOT_SHARED, 1);
   } catch {
     return null;
   }
   if (writer) return `another process writes to it (it holds QEMU's "write" lock)`;
   if (noWritersAllowed) return "another process has it open and lets nobody else write to it (QEMU's lock)";
   try {
-    if (write) await ops.lockShared(fd, QEMU_LOCK_WRITE, 1);
+    await ops.lockShared(fd, QEMU_LOCK_WRITE, 1);
     await ops.lockShared(fd, QEMU_LOCK_WRITE_NOT_SHARED, 1);
   } catch (e) {
     const code = (e as { code?: string }).code;

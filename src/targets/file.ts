@@ -68,7 +68,7 @@ export class FileTarget implements BackupTarget {
       ) {
         throw new Error(`target ${path} is the disk being backed up: the backup would overwrite the guest's writes with old data`);
       }
-      const inUse = await claimImageLocks(loadFileOps(), fd, true);
+      const inUse = await claimImageLocks(loadFileOps(), fd);
       if (inUse) throw new Error(`target ${path} is in use: ${inUse}; writing the backup there would corrupt it`);
       if (created) {
         sizeTo(opts.size);
