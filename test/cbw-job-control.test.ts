@@ -37,6 +37,9 @@
 // - a file: target that qemu-nbd serves read-write (QEMU's "write" lock
 //   held) is refused, untouched; one it serves read-only is written, and
 //   qemu-io cannot open it for writing until the job has completed;
+// - a backup of a read-only export whose file qemu-nbd serves read-write is
+//   refused (nbd-cbw would not see those writes); with qemu-nbd gone, it
+//   completes exact;
 // - the disk itself as a file: target (its path, a symlink, a hard link; a
 //   served loop device under its own node or another) is refused;
 // - a loop device as a file: target (an LV or a disk in real use): one
@@ -762,6 +765,26 @@ t.test("a file: target another process writes is refused; the job holds QEMU's l
   t.equal(compareImages(r.snapshot, shared), null, 'the target holds the point-in-time image');
   const after = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 1 0 4k', shared], { timeoutMs: 30_000 });
   t.equal(after.code, 0, `after the job, QEMU may write it again (${after.stderr.trim()})`);
+});
+
+t.test('a backup of a read-only export whose file another process writes is refused; once that stops, it runs exact', async (t) => {
+  // A read-only file export shares writes (as qemu-nbd -r does), so here a
+  // writer nbd-cbw cannot see is possible: its writes would never be saved first.
+  const image = tmpPath(t, 'ro-disk', '.raw');
+  makeMixedImage(image, SIZE, 917);
+  const cbw = await startNbdCbw(t, ['--source', `file:${image}`, '-r']);
+  const writer = await startQemuNbd(t, image);
+  const target = tmpPath(t, 'ro-backup', '.raw');
+  const res = await cli(['backup', 'start', '--control', controlOf(cbw), '--target', `file:${target}`]);
+  t.not(res.code, 0, 'refused while qemu-nbd serves the file read-write');
+  oneLine(t, res.stderr, /^nbd-cbw: error: cannot back up the disk: another process writes to \S+ \(it holds QEMU's "write" lock\), and this export does not see those writes/, 'a writer behind the export');
+  t.notOk(fs.existsSync(target), 'no target file was made');
+  await writer.stop();
+  const snapshot = tmpPath(t, 'ro-snap', '.raw');
+  fs.copyFileSync(image, snapshot);
+  const ok = await cli(['backup', 'start', '--control', controlOf(cbw), '--target', `file:${target}`, '--wait', '--json'], 60_000);
+  t.equal(ok.code, 0, 'with the writer gone, the backup completes', { output: ok.code ? ok.describe() : undefined });
+  t.equal(compareImages(snapshot, target), null, 'and holds the disk');
 });
 
 t.test('a block device served as the disk is refused as its own target, under another device node too', { skip: !loopOk && 'needs root and losetup' }, async (t) => {

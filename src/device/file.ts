@@ -12,7 +12,7 @@
 import * as fs from 'node:fs';
 import { AllocationFlag, NbdError } from '../nbd-protocol/constants';
 import { loadFileOps, type FileOps } from './native';
-import { claimImageLocks } from './image-locks';
+import { QEMU_LOCK_WRITE, claimImageLocks } from './image-locks';
 import {
   DeviceError,
   type BlockDevice,
@@ -176,6 +176,22 @@ export class FileDevice implements BlockDevice {
   fileIdentity(): FileIdentity {
     const st = fs.fstatSync(this.fd, { bigint: true });
     return { dev: st.dev, ino: st.ino, rdev: st.rdev, isBlockDevice: st.isBlockDevice() };
+  }
+
+  /**
+   * Read-write, this device's own lock bytes keep QEMU's writers out; read-
+   * only, it shares writes (as qemu-nbd -r does), so ask who holds them.
+   */
+  async otherWriter(): Promise<string | null> {
+    if (!this.readOnly) return null;
+    try {
+      if (await this.ops.lockHeld(this.fd, QEMU_LOCK_WRITE, 1)) {
+        return `another process writes to ${this.path} (it holds QEMU's "write" lock)`;
+      }
+    } catch {
+      // no OFD locks on this file system: nothing to tell
+    }
+    return null;
   }
 
   private constructor(

@@ -99,4 +99,10 @@ export interface BlockDevice {
   fileIdentity?(): FileIdentity;
   /** The NBD export served, if that is what this is. */
   nbdAddress?(): NbdAddress;
+  /**
+   * Why another process may be writing this disk behind the device's back
+   * (a read-only file export shares writes), or null. Asked when a backup
+   * starts: such writes are never copied first.
+   */
+  otherWriter?(): Promise<string | null>;
 }

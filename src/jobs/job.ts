@@ -225,6 +225,10 @@ export class JobManager extends EventEmitter {
     let target: BackupTarget | null = null;
     try {
       const size = this.filter.size;
+      const otherWriter = await this.filter.next.otherWriter?.();
+      if (otherWriter) {
+        throw new RequestError(409, `cannot back up the disk: ${otherWriter}, and this export does not see those writes, so the backup could not be point in time`);
+      }
       // Before the target: a refused start must not leave a new target file.
       if (req.spillDir !== undefined) {
         try {
