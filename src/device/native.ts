@@ -1,6 +1,7 @@
 // Typed loader for the native fileops addon (native/fileops.c): lseek
 // SEEK_DATA/SEEK_HOLE, fallocate PUNCH_HOLE/ZERO_RANGE and open file
-// description locks, which Node's fs module lacks. Each call runs on libuv's thread pool and returns a promise.
+// description locks, which Node's fs module lacks. Each call runs on libuv's
+// thread pool and returns a promise.
 
 import * as path from 'node:path';
 

@@ -50,15 +50,8 @@ export class FileTarget implements BackupTarget {
         throw new Error(`cannot open target file ${path}: ${(e2 as Error).message}`);
       }
     }
-    // A new file reads as zeros; so does an empty one this call sizes.
-    let zeroed = created;
-    const sizeTo = (size: number): void => {
-      try {
-        fs.ftruncateSync(fd, size);
-      } catch (e) {
-        throw new Error(`cannot make target file ${path} ${size} bytes long: ${(e as Error).message}`);
-      }
-    };
+    // A new or empty file is sized here, and then reads as zeros.
+    let zeroed = false;
     try {
       const st = fs.fstatSync(fd, { bigint: true });
       const disk = opts.notSameFileAs;
@@ -68,18 +61,23 @@ export class FileTarget implements BackupTarget {
       ) {
         throw new Error(`target ${path} is the disk being backed up: the backup would overwrite the guest's writes with old data`);
       }
-      const inUse = await claimImageLocks(loadFileOps(), fd);
-      if (inUse) throw new Error(`target ${path} is in use: ${inUse}; writing the backup there would corrupt it`);
-      if (created) {
-        sizeTo(opts.size);
-      } else if (st.isBlockDevice()) {
+      if (st.isBlockDevice()) {
         const size = await blockDeviceSize(`target block device ${path}`, st.rdev);
         if (size < opts.size) throw new Error(`target block device ${path} is ${size} bytes, smaller than the ${opts.size}-byte disk`);
       } else if (!st.isFile()) {
         throw new Error(`target ${path} is not a regular file or a block device, so it cannot hold the backup`);
-      } else if (st.size < BigInt(opts.size)) {
-        if (st.size !== 0n) throw new Error(`target file ${path} is ${st.size} bytes, smaller than the ${opts.size}-byte disk`);
-        sizeTo(opts.size);
+      } else if (st.size !== 0n && st.size < BigInt(opts.size)) {
+        throw new Error(`target file ${path} is ${st.size} bytes, smaller than the ${opts.size}-byte disk`);
+      }
+      // Locked only once it is known to be usable, and before anything is written.
+      const inUse = await claimImageLocks(loadFileOps(), fd);
+      if (inUse) throw new Error(`target ${path} is in use: ${inUse}; writing the backup there would corrupt it`);
+      if (st.isFile() && st.size === 0n) {
+        try {
+          fs.ftruncateSync(fd, opts.size);
+        } catch (e) {
+          throw new Error(`cannot make target file ${path} ${opts.size} bytes long: ${(e as Error).message}`);
+        }
         zeroed = true;
       }
     } catch (e) {
